@@ -1,0 +1,116 @@
+//! The `cxrgen` command line: arguments → validated config → work.
+//!
+//! Exit codes: 0 success; 1 error (the message says what and where); 2 bad arguments (from clap);
+//! 3 the subcommand is not implemented yet.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::model::param_counts;
+
+pub const EXIT_NOT_IMPLEMENTED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "cxrgen",
+    version,
+    about = "Train and run a resource-efficient text-conditional chest X-ray latent diffusion model"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stage 1: train the VAE on the prepared image cache (issue #4).
+    TrainVae(PendingArgs),
+    /// Stage 2: train the U-Net and text head on VAE latents (issue #4).
+    TrainDiffusion(PendingArgs),
+    /// Generate synthetic radiographs from text prompts (issue #5).
+    Generate(PendingArgs),
+    /// Evaluate generated images against the test split (not yet filed).
+    Eval(PendingArgs),
+    /// Print the resolved config and the parameter count of each network.
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// A config file, or a built-in preset: paper, tiny.
+    #[arg(long, default_value = "paper")]
+    config: String,
+    /// One JSON object on stdout: {config, vae_params, unet_params, text_trainable_params,
+    /// text_frozen_params, latent_shape}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PendingArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Info(args) => info(&args),
+        Command::TrainVae(_) => not_implemented("train-vae", "#4"),
+        Command::TrainDiffusion(_) => not_implemented("train-diffusion", "#4"),
+        Command::Generate(_) => not_implemented("generate", "#5"),
+        Command::Eval(_) => not_implemented("eval", "a later issue"),
+    }
+}
+
+fn not_implemented(name: &str, issue: &str) -> Result<ExitCode> {
+    eprintln!("cxrgen {name} is not implemented yet (tracked in {issue}); nothing was done.");
+    Ok(ExitCode::from(EXIT_NOT_IMPLEMENTED))
+}
+
+fn info(args: &InfoArgs) -> Result<ExitCode> {
+    let cfg = Config::load(&args.config)?;
+    let counts = param_counts(&cfg)?;
+    let latent = [
+        cfg.vae.latent_channels,
+        cfg.latent_size(),
+        cfg.latent_size(),
+    ];
+    if args.json {
+        let mut obj = serde_json::to_value(&counts)?;
+        obj["config"] = serde_json::to_value(&cfg)?;
+        obj["latent_shape"] = serde_json::to_value(latent)?;
+        write_stdout(&format!("{obj}\n"))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let fmt = |n: Option<usize>, why: &str| match n {
+        Some(n) => format!("{n:>12}  ({:.2} M)", n as f64 / 1e6),
+        None => format!("{:>12}  ({why})", "unknown"),
+    };
+    let mut text = serde_yaml::to_string(&cfg)?;
+    text.push_str(&format!(
+        "\nlatent: {}×{}×{} (channels × height × width)\nparameters:\n  vae           {}\n  unet          {}\n  text head     {}\n  text frozen   {}\n",
+        latent[0],
+        latent[1],
+        latent[2],
+        fmt(Some(counts.vae_params), ""),
+        fmt(Some(counts.unet_params), ""),
+        fmt(counts.text_trainable_params, "hidden size unknown: set text.hidden_size"),
+        fmt(counts.text_frozen_params, "the encoder's config.json is not on this machine"),
+    ));
+    write_stdout(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout; a closed pipe (`cxrgen info | head`) is not an error.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}

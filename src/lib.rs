@@ -1,0 +1,11 @@
+//! cxrgen: a resource-efficient text-conditional chest X-ray latent diffusion model on candle.
+//!
+//! Layout: [`config`] (YAML configs), [`model`] (VAE, U-Net, text encoder), [`diffusion`] (noise
+//! schedules), [`train`] (objectives), [`cli`] (the `cxrgen` command), [`rng`] (seeded randomness).
+
+pub mod cli;
+pub mod config;
+pub mod diffusion;
+pub mod model;
+pub mod rng;
+pub mod train;

@@ -1,0 +1,95 @@
+//! The `cxrgen` binary: `info` counts, config errors, and honest refusals of unfinished commands.
+
+use std::process::{Command, Output};
+
+fn cxrgen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cxrgen"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn within(value: f64, target: f64, tolerance: f64) -> bool {
+    (value / target - 1.0).abs() <= tolerance
+}
+
+#[test]
+fn paper_config_has_the_papers_parameter_counts() {
+    let out = cxrgen(&["info", "--config", "configs/paper.yaml", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vae = v["vae_params"].as_f64().unwrap();
+    let unet = v["unet_params"].as_f64().unwrap();
+    let head = v["text_trainable_params"].as_f64().unwrap();
+    assert!(within(vae, 3.25e6, 0.03), "VAE {vae}");
+    assert!(within(unet, 39.66e6, 0.01), "U-Net {unet}");
+    assert!(within(head, 593e3, 0.01), "text head {head}");
+    assert!(v.get("text_frozen_params").is_some());
+    assert_eq!(v["latent_shape"], serde_json::json!([8, 32, 32]));
+    assert_eq!(
+        v["config"]["unet"]["attention_levels"],
+        serde_json::json!([0, 1, 2])
+    );
+}
+
+#[test]
+fn tiny_preset_reports_all_four_counts() {
+    let out = cxrgen(&["info", "--config", "tiny", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "vae_params",
+        "unet_params",
+        "text_trainable_params",
+        "text_frozen_params",
+    ] {
+        assert!(v[key].as_u64().unwrap() > 0, "{key}");
+    }
+}
+
+#[test]
+fn config_errors_name_the_file_and_the_key() {
+    let dir = std::env::temp_dir().join(format!("cxrgen-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml")).unwrap();
+
+    let unknown = dir.join("unknown.yaml");
+    std::fs::write(&unknown, tiny.replace("  head_dim:", "  head_dims:")).unwrap();
+    let out = cxrgen(&["info", "--config", unknown.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("unknown.yaml") && err.contains("head_dims"),
+        "{err}"
+    );
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, tiny.replace("  head_dim: 8", "  head_dim: 7")).unwrap();
+    let out = cxrgen(&["info", "--config", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("unet.head_dim = 7"), "{err}");
+
+    let out = cxrgen(&["info", "--config", "no-such-file.yaml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("no-such-file.yaml"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unfinished_subcommands_say_so_and_exit_3() {
+    for cmd in ["train-vae", "train-diffusion", "generate", "eval"] {
+        let out = cxrgen(&[cmd, "--config", "tiny"]);
+        assert_eq!(out.status.code(), Some(3), "{cmd}");
+        assert!(out.stdout.is_empty(), "{cmd}: no fake output");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not implemented yet"), "{cmd}: {err}");
+    }
+}

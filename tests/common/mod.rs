@@ -1,0 +1,28 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+
+/// A file under `../shared` (beside the project root), or None with a message saying the test is
+/// skipped: a user's machine has no `../shared`.
+pub fn shared_file(rel: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(rel);
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is absent (tests on ../shared data run only where it is checked out beside the project)",
+            path.display()
+        );
+        None
+    }
+}
+
+/// A file under tests/fixtures.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
