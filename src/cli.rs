@@ -3,13 +3,18 @@
 //! Exit codes: 0 success; 1 error (the message says what and where); 2 bad arguments (from clap);
 //! 3 the subcommand is not implemented yet.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
+use crate::data::{
+    self,
+    prepare::{PrepareOptions, Source},
+};
 use crate::model::param_counts;
 
 pub const EXIT_NOT_IMPLEMENTED: u8 = 3;
@@ -27,6 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Decode, resize and clean a dataset once into the cache training reads.
+    Prepare(PrepareArgs),
     /// Stage 1: train the VAE on the prepared image cache (issue #4).
     TrainVae(PendingArgs),
     /// Stage 2: train the U-Net and text head on VAE latents (issue #4).
@@ -51,6 +58,36 @@ struct InfoArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["iu", "manifest"])))]
+struct PrepareArgs {
+    /// A config file, or a built-in preset (its `data:` section is used).
+    #[arg(long, default_value = "paper")]
+    config: String,
+    /// An IU-CXR folder: Kaggle layout (indiana_reports.csv, indiana_projections.csv,
+    /// images/images_normalized/) or Open-i (ecgen-radiology/ or NLMCXR_reports.tgz, NLMCXR_png/).
+    #[arg(long, value_name = "DIR")]
+    iu: Option<PathBuf>,
+    /// A CSV manifest: image, patient_id, findings, impression [, dataset, uid, projection, label].
+    #[arg(long, value_name = "CSV")]
+    manifest: Option<PathBuf>,
+    /// The cache folder to create.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Reuse the patient split of this split.csv instead of drawing one.
+    #[arg(long, value_name = "CSV")]
+    split: Option<PathBuf>,
+    /// Any image that cannot be used is an error, and no cache is written.
+    #[arg(long)]
+    strict: bool,
+    /// Replace an existing cache at --out (only once the new one is complete).
+    #[arg(long)]
+    force: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct PendingArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     args: Vec<String>,
@@ -60,6 +97,7 @@ pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info(args) => info(&args),
+        Command::Prepare(args) => prepare(&args),
         Command::TrainVae(_) => not_implemented("train-vae", "#4"),
         Command::TrainDiffusion(_) => not_implemented("train-diffusion", "#4"),
         Command::Generate(_) => not_implemented("generate", "#5"),
@@ -70,6 +108,30 @@ pub fn run() -> Result<ExitCode> {
 fn not_implemented(name: &str, issue: &str) -> Result<ExitCode> {
     eprintln!("cxrgen {name} is not implemented yet (tracked in {issue}); nothing was done.");
     Ok(ExitCode::from(EXIT_NOT_IMPLEMENTED))
+}
+
+fn prepare(args: &PrepareArgs) -> Result<ExitCode> {
+    let cfg = Config::load(&args.config)?;
+    let source = match (&args.iu, &args.manifest) {
+        (Some(dir), _) => Source::Iu(dir.clone()),
+        (None, Some(csv)) => Source::Manifest(csv.clone()),
+        (None, None) => unreachable!("clap requires --iu or --manifest"),
+    };
+    let opts = PrepareOptions {
+        source,
+        out: args.out.clone(),
+        split_file: args.split.clone(),
+        strict: args.strict,
+        force: args.force,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let summary = data::prepare::prepare(&cfg, &opts)?;
+    if args.json {
+        write_stdout(&format!("{}\n", serde_json::to_string(&summary)?))?;
+    } else {
+        write_stdout(&summary.human())?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn info(args: &InfoArgs) -> Result<ExitCode> {

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::data::record::Projection;
+
 /// The presets compiled into the binary, by name.
 pub const PRESETS: [(&str, &str); 2] = [
     ("paper", include_str!("../configs/paper.yaml")),
@@ -33,7 +35,19 @@ pub struct Config {
 pub struct DataConfig {
     /// Square side of the training images in pixels.
     pub image_size: usize,
+    /// Which projections to keep.
+    pub views: Vec<Projection>,
+    /// Which report sections an image's report must have to be kept.
+    pub require: TextRequirement,
     pub split: SplitConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextRequirement {
+    FindingsAndImpression,
+    FindingsOrImpression,
+    Any,
 }
 
 /// Patient-level split fractions.
@@ -262,6 +276,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let d = &self.data;
         positive("data.image_size", d.image_size)?;
+        if d.views.is_empty() {
+            bail!("data.views is empty: keep at least one projection (frontal, lateral, unknown)");
+        }
         for (key, v) in [
             ("data.split.train", d.split.train),
             ("data.split.val", d.split.val),

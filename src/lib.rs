@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod diffusion;
 pub mod model;
 pub mod rng;

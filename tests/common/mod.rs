@@ -26,3 +26,15 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(rel)
 }
+
+/// An 8×8 gray PNG with a gradient, as bytes: a stand-in for a radiograph under a real file name.
+pub fn tiny_png() -> Vec<u8> {
+    let img = image::GrayImage::from_fn(8, 8, |x, y| image::Luma([(x * 16 + y * 8) as u8]));
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    bytes
+}
