@@ -34,6 +34,10 @@ struct Cli {
 enum Command {
     /// Decode, resize and clean a dataset once into the cache training reads.
     Prepare(PrepareArgs),
+    /// Write procedural chest radiographs with known findings, in the Kaggle IU-CXR layout.
+    Phantom(PhantomArgs),
+    /// Tile images into one PNG contact sheet.
+    Grid(GridArgs),
     /// Stage 1: train the VAE on the prepared image cache (issue #4).
     TrainVae(PendingArgs),
     /// Stage 2: train the U-Net and text head on VAE latents (issue #4).
@@ -88,6 +92,38 @@ struct PrepareArgs {
 }
 
 #[derive(Args)]
+struct PhantomArgs {
+    /// The folder to write (indiana_reports.csv, indiana_projections.csv, images/images_normalized/).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 100)]
+    n: usize,
+    /// Side of the square images in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Image i depends only on the seed and i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct GridArgs {
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Images per row.
+    #[arg(long, default_value_t = 6)]
+    cols: usize,
+    /// Side of each tile in pixels.
+    #[arg(long, default_value_t = 128)]
+    tile: u32,
+    /// The images, row by row.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+#[derive(Args)]
 struct PendingArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     args: Vec<String>,
@@ -98,6 +134,11 @@ pub fn run() -> Result<ExitCode> {
     match cli.command {
         Command::Info(args) => info(&args),
         Command::Prepare(args) => prepare(&args),
+        Command::Phantom(args) => phantom(&args),
+        Command::Grid(args) => {
+            crate::io::grid::write_grid(&args.images, args.cols, args.tile, &args.out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::TrainVae(_) => not_implemented("train-vae", "#4"),
         Command::TrainDiffusion(_) => not_implemented("train-diffusion", "#4"),
         Command::Generate(_) => not_implemented("generate", "#5"),
@@ -131,6 +172,36 @@ fn prepare(args: &PrepareArgs) -> Result<ExitCode> {
     } else {
         write_stdout(&summary.human())?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn phantom(args: &PhantomArgs) -> Result<ExitCode> {
+    if args.n == 0 {
+        anyhow::bail!("--n 0: nothing to write");
+    }
+    if !(32..=2048).contains(&args.size) {
+        anyhow::bail!("--size {}: must be between 32 and 2048 pixels", args.size);
+    }
+    if args.out.join("indiana_reports.csv").exists() {
+        anyhow::bail!(
+            "{} already holds a dataset (indiana_reports.csv); choose another --out",
+            args.out.display()
+        );
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(args.n as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    data::phantom::write_dataset(&args.out, args.n, args.size, args.seed, &bar)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} phantom radiographs of {}×{} to {}",
+        args.n,
+        args.size,
+        args.size,
+        args.out.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,6 +6,7 @@ pub mod clean;
 pub mod decode;
 pub mod iu;
 pub mod manifest;
+pub mod phantom;
 pub mod prepare;
 pub mod record;
 pub mod split;

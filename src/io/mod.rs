@@ -1,0 +1,3 @@
+//! Files people look at: image grids.
+
+pub mod grid;
