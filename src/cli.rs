@@ -38,10 +38,10 @@ enum Command {
     Phantom(PhantomArgs),
     /// Tile images into one PNG contact sheet.
     Grid(GridArgs),
-    /// Stage 1: train the VAE on the prepared image cache (issue #4).
-    TrainVae(PendingArgs),
-    /// Stage 2: train the U-Net and text head on VAE latents (issue #4).
-    TrainDiffusion(PendingArgs),
+    /// Stage 1: train the VAE on a prepared cache.
+    TrainVae(TrainArgs),
+    /// Stage 2: train the U-Net and the text head on the latents of a trained VAE.
+    TrainDiffusion(TrainDiffusionArgs),
     /// Generate synthetic radiographs from text prompts (issue #5).
     Generate(PendingArgs),
     /// Evaluate generated images against the test split (not yet filed).
@@ -124,6 +124,35 @@ struct GridArgs {
 }
 
 #[derive(Args)]
+struct TrainArgs {
+    /// A config file or preset. With --resume, optional: it must then equal the run's own.
+    #[arg(long)]
+    config: Option<String>,
+    /// The prepared cache (`cxrgen prepare`).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// The folder of a new run (config.yaml, metrics.jsonl, checkpoints/).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint: weights, optimizer moments,
+    /// EMA, step, schedule and random state.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Stop after this many optimizer steps in all (the schedule still spans the configured epochs).
+    #[arg(long, value_name = "N")]
+    max_steps: Option<u64>,
+}
+
+#[derive(Args)]
+struct TrainDiffusionArgs {
+    #[command(flatten)]
+    common: TrainArgs,
+    /// The train-vae run (its best checkpoint) or checkpoint folder to take the frozen VAE from.
+    #[arg(long, value_name = "DIR")]
+    vae: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct PendingArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     args: Vec<String>,
@@ -139,11 +168,43 @@ pub fn run() -> Result<ExitCode> {
             crate::io::grid::write_grid(&args.images, args.cols, args.tile, &args.out)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::TrainVae(_) => not_implemented("train-vae", "#4"),
-        Command::TrainDiffusion(_) => not_implemented("train-diffusion", "#4"),
+        Command::TrainVae(args) => {
+            let summary = crate::train::stages::train_vae(&train_request(&args))?;
+            report_training(&summary)
+        }
+        Command::TrainDiffusion(args) => {
+            let summary = crate::train::stages::train_diffusion(
+                &train_request(&args.common),
+                args.vae.as_deref(),
+            )?;
+            report_training(&summary)
+        }
         Command::Generate(_) => not_implemented("generate", "#5"),
         Command::Eval(_) => not_implemented("eval", "a later issue"),
     }
+}
+
+fn train_request(args: &TrainArgs) -> crate::train::stages::RunRequest {
+    crate::train::stages::RunRequest {
+        config: args.config.clone(),
+        data: args.data.clone(),
+        out: args.out.clone(),
+        resume: args.resume.clone(),
+        max_steps: args.max_steps,
+        device: candle_core::Device::Cpu,
+        progress: std::io::stderr().is_terminal(),
+    }
+}
+
+fn report_training(s: &crate::train::trainer::TrainSummary) -> Result<ExitCode> {
+    eprintln!(
+        "trained to step {}; last checkpoint {}; best validation loss {}; non-finite steps skipped {}",
+        s.steps,
+        s.last_checkpoint.display(),
+        s.best_val_loss.map_or("n/a".into(), |v| format!("{v:.5}")),
+        s.nonfinite_skipped
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn not_implemented(name: &str, issue: &str) -> Result<ExitCode> {

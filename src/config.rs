@@ -199,6 +199,12 @@ pub struct RunConfig {
     pub precision: Precision,
     pub grad_checkpointing: bool,
     pub seed: u64,
+    /// Optimizer steps between checkpoints (one is also written at the end of every epoch).
+    pub checkpoint_every: usize,
+    /// Step checkpoints kept besides `best`.
+    pub keep_last: usize,
+    /// Non-finite losses in a row that stop the run (each one skips its step).
+    pub max_nonfinite: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -538,6 +544,9 @@ fn merge(base: &mut serde_yaml::Value, over: serde_yaml::Value) {
 
 fn validate_run(key: &str, r: &RunConfig) -> Result<()> {
     positive(&format!("{key}.epochs"), r.epochs)?;
+    positive(&format!("{key}.checkpoint_every"), r.checkpoint_every)?;
+    positive(&format!("{key}.keep_last"), r.keep_last)?;
+    positive(&format!("{key}.max_nonfinite"), r.max_nonfinite)?;
     positive(&format!("{key}.batch_size"), r.batch_size)?;
     positive(&format!("{key}.grad_accumulation"), r.grad_accumulation)?;
     Ok(())

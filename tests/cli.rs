@@ -85,11 +85,42 @@ fn config_errors_name_the_file_and_the_key() {
 
 #[test]
 fn unfinished_subcommands_say_so_and_exit_3() {
-    for cmd in ["train-vae", "train-diffusion", "generate", "eval"] {
+    for cmd in ["generate", "eval"] {
         let out = cxrgen(&[cmd, "--config", "tiny"]);
         assert_eq!(out.status.code(), Some(3), "{cmd}");
         assert!(out.stdout.is_empty(), "{cmd}: no fake output");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not implemented yet"), "{cmd}: {err}");
     }
+}
+
+#[test]
+fn training_input_errors_name_what_is_wrong() {
+    let out = cxrgen(&[
+        "train-vae",
+        "--config",
+        "tiny",
+        "--data",
+        "no-such-cache",
+        "--out",
+        "/tmp/cxrgen-never-created",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("no-such-cache") && err.contains("cxrgen prepare"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new("/tmp/cxrgen-never-created").exists(),
+        "a failed start leaves nothing"
+    );
+    let out = cxrgen(&["train-vae", "--config", "tiny", "--data", "x"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--out"));
+    let out = cxrgen(&["train-vae", "--data", "x", "--resume", "no-such-run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-run") && err.contains("not a run folder"),
+        "{err}"
+    );
 }

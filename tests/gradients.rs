@@ -85,7 +85,18 @@ fn every_unet_and_text_head_parameter_gets_a_gradient() {
     let z = cfg.latent_size();
     let latents: Tensor = rng.randn((2, cfg.vae.latent_channels, z, z), &dev).unwrap();
     let schedule = NoiseSchedule::new(&cfg.diffusion);
-    let loss = diffusion_loss(&unet, &head, &schedule, &latents, &hidden, &mask, &mut rng).unwrap();
+    let noise = rng.randn(latents.shape(), &dev).unwrap();
+    let loss = diffusion_loss(
+        &unet,
+        &head,
+        &schedule,
+        &latents,
+        &[10, 900],
+        &noise,
+        &hidden,
+        &mask,
+    )
+    .unwrap();
     assert!(loss.to_scalar::<f32>().unwrap().is_finite());
     let grads = loss.backward().unwrap();
     let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();

@@ -27,26 +27,25 @@ pub fn vae_loss(vae: &Vae, images: &Tensor, kl_weight: f64, rng: &mut Rng) -> Re
     Ok(VaeLoss { total, recon, kl })
 }
 
-/// Stage 2: epsilon-prediction MSE at one uniformly drawn timestep per sample.
+/// Stage 2: epsilon-prediction MSE, each sample at its own timestep.
 ///
-/// `latents`: scaled VAE latents [B, C, h, w]; `text_hidden`: frozen encoder states [B, T, H];
-/// `text_mask`: [B, T] (1 = token, 0 = padding).
+/// `latents`: scaled VAE latents [B, C, h, w]; `t`: B timesteps; `noise`: [B, C, h, w];
+/// `text_hidden`: frozen encoder states [B, T, H]; `text_mask`: [B, T] (1 = token, 0 = padding).
+#[allow(clippy::too_many_arguments)]
 pub fn diffusion_loss(
     unet: &UNet,
     head: &TextHead,
     schedule: &NoiseSchedule,
     latents: &Tensor,
+    t: &[usize],
+    noise: &Tensor,
     text_hidden: &Tensor,
     text_mask: &Tensor,
-    rng: &mut Rng,
 ) -> Result<Tensor> {
-    let b = latents.dim(0)?;
-    let t: Vec<usize> = (0..b).map(|_| rng.below(schedule.timesteps())).collect();
-    let noise = rng.randn(latents.shape(), latents.device())?;
-    let noisy = schedule.add_noise(latents, &noise, &t)?;
+    let noisy = schedule.add_noise(latents, noise, t)?;
     let t_tensor = Tensor::from_vec(
         t.iter().map(|&x| x as f32).collect::<Vec<_>>(),
-        b,
+        t.len(),
         latents.device(),
     )?;
     let context = head.forward(text_hidden)?;

@@ -1,4 +1,9 @@
-//! Training: the two objectives (the loops, optimizer, checkpoints and memory levers come with
-//! issue #4).
+//! Training: the objectives, the shared loop (accumulation, clipping, AdamW, EMA, validation),
+//! checkpoints that survive interruption and resume exactly, and the two stages.
 
+pub mod checkpoint;
+pub mod ema;
 pub mod losses;
+pub mod optim;
+pub mod stages;
+pub mod trainer;

@@ -1,0 +1,489 @@
+//! The two training stages (`cxrgen train-vae`, `cxrgen train-diffusion`): what each trains, what
+//! its checkpoints carry, and how a run folder is started or resumed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use serde_json::json;
+
+use super::checkpoint::{self, TrainState, MODEL};
+use super::losses::{diffusion_loss, vae_loss};
+use super::trainer::{self, CheckpointExtras, Loss, Objective, TrainOptions, TrainSummary, CONFIG};
+use crate::config::{Config, OptimizerConfig, RunConfig};
+use crate::data::cache::Cache;
+use crate::data::split::Split;
+use crate::diffusion::NoiseSchedule;
+use crate::model::{seeded_var_builder, TextEncoder, TextHead, UNet, Vae};
+use crate::rng::Rng;
+
+/// The frozen VAE weights a diffusion checkpoint carries, so that it is complete on its own.
+pub const VAE_FILE: &str = "vae.safetensors";
+
+/// Images used to estimate the latent scale.
+const SCALE_IMAGES: usize = 256;
+
+/// What the command line asks of a training run.
+pub struct RunRequest {
+    /// A config file or preset; with `resume`, optional and checked against the run's own.
+    pub config: Option<String>,
+    pub data: PathBuf,
+    /// A new run folder.
+    pub out: Option<PathBuf>,
+    /// A run folder to continue.
+    pub resume: Option<PathBuf>,
+    pub max_steps: Option<u64>,
+    pub device: Device,
+    pub progress: bool,
+}
+
+/// A run folder, its config and the checkpoint to resume from, if any.
+struct OpenedRun {
+    dir: PathBuf,
+    config: Config,
+    resume: Option<(PathBuf, TrainState)>,
+}
+
+fn open_run(req: &RunRequest) -> Result<OpenedRun> {
+    match (&req.resume, &req.out) {
+        (Some(_), Some(_)) => {
+            bail!("give either --out (a new run) or --resume (an existing one), not both")
+        }
+        (None, None) => bail!("--out is needed: the folder of the new run"),
+        (Some(dir), None) => {
+            let saved = Config::load(
+                dir.join(CONFIG)
+                    .to_str()
+                    .context("run folder path is not UTF-8")?,
+            )
+            .with_context(|| format!("{} is not a run folder", dir.display()))?;
+            if let Some(c) = &req.config {
+                let given = Config::load(c)?;
+                if given != saved {
+                    bail!("--config {c} differs from the config of the run in {} ({}); resume without --config, or start a new run", dir.display(), first_difference(&given, &saved));
+                }
+            }
+            let ckpt = checkpoint::resolve(dir, checkpoint::LAST)?;
+            Ok(OpenedRun {
+                dir: dir.clone(),
+                config: saved,
+                resume: Some(ckpt),
+            })
+        }
+        (None, Some(dir)) => {
+            let cfg = Config::load(req.config.as_deref().unwrap_or("paper"))?;
+            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+                bail!("{} already exists and is not empty; choose another --out, or continue it with --resume", dir.display());
+            }
+            Ok(OpenedRun {
+                dir: dir.clone(),
+                config: cfg,
+                resume: None,
+            })
+        }
+    }
+}
+
+impl OpenedRun {
+    /// Creates a new run's folder and its config.yaml: only once everything it needs has loaded,
+    /// so that a failed start leaves nothing behind.
+    fn start(&self) -> Result<()> {
+        if self.resume.is_none() {
+            std::fs::create_dir_all(&self.dir)
+                .with_context(|| format!("cannot create {}", self.dir.display()))?;
+            crate::data::cache::write_synced(
+                &self.dir.join(CONFIG),
+                serde_yaml::to_string(&self.config)?.as_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The first top-level config section that differs, for error messages.
+pub fn first_difference(a: &Config, b: &Config) -> String {
+    let (va, vb) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
+    for key in [
+        "data",
+        "vae",
+        "unet",
+        "text",
+        "diffusion",
+        "train_vae",
+        "train_diffusion",
+    ] {
+        if va[key] != vb[key] {
+            return format!("section `{key}` differs");
+        }
+    }
+    "no difference".into()
+}
+
+fn check_cache(cache: &Cache, cfg: &Config) -> Result<()> {
+    if cache.meta.image_size != cfg.data.image_size {
+        bail!(
+            "the cache {} holds {}×{} images but data.image_size = {}; prepare it again with this config",
+            cache.dir.display(),
+            cache.meta.image_size,
+            cache.meta.image_size,
+            cfg.data.image_size
+        );
+    }
+    Ok(())
+}
+
+/// Stage 1: reconstruction + KL on cached images.
+pub struct VaeObjective<'a> {
+    vae: Vae,
+    cache: &'a Cache,
+    kl_weight: f64,
+    device: Device,
+    scale_indices: Vec<usize>,
+}
+
+impl<'a> VaeObjective<'a> {
+    /// `scale_indices`: the images the latent scale is estimated on (training images).
+    pub fn new(
+        vae: Vae,
+        cache: &'a Cache,
+        kl_weight: f64,
+        device: Device,
+        scale_indices: Vec<usize>,
+    ) -> Self {
+        Self {
+            vae,
+            cache,
+            kl_weight,
+            device,
+            scale_indices,
+        }
+    }
+
+    /// 1 / std of latents sampled from the posteriors of up to 256 training images: the scale
+    /// that gives the diffusion model unit-variance inputs (Rombach et al. 2022, §4.3.2).
+    fn latent_scale(&self) -> Result<f64> {
+        let mut rng = Rng::new(0x5ca1e);
+        let (mut sum, mut sq, mut n) = (0f64, 0f64, 0f64);
+        for chunk in self.scale_indices.chunks(16) {
+            let post = self.vae.encode(&self.cache.images(chunk, &self.device)?)?;
+            let z = post
+                .sample(&rng.randn(post.mean.shape(), &self.device)?)?
+                .detach();
+            sum += z
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            sq += z
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+            n += z.elem_count() as f64;
+        }
+        let var = sq / n - (sum / n).powi(2);
+        Ok(1.0 / var.max(1e-12).sqrt())
+    }
+}
+
+impl Objective for VaeObjective<'_> {
+    fn stage(&self) -> &'static str {
+        "vae"
+    }
+
+    fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
+        let images = self.cache.images(indices, &self.device)?;
+        let l = vae_loss(&self.vae, &images, self.kl_weight, rng)?;
+        Ok(Loss {
+            total: l.total,
+            parts: vec![("recon", l.recon), ("kl", l.kl)],
+        })
+    }
+
+    fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
+        Ok(CheckpointExtras {
+            files: vec![],
+            meta: json!({ "latent_scale": self.latent_scale()? }),
+        })
+    }
+}
+
+pub fn train_vae(req: &RunRequest) -> Result<TrainSummary> {
+    let run = open_run(req)?;
+    let cfg = run.config.clone();
+    let cache = Cache::open(&req.data)?;
+    check_cache(&cache, &cfg)?;
+    let varmap = VarMap::new();
+    let vae = Vae::new(
+        &cfg.vae,
+        seeded_var_builder(&varmap, cfg.train_vae.run.seed, &req.device),
+    )?;
+    let scale_images = cache
+        .indices(Split::Train)
+        .into_iter()
+        .take(SCALE_IMAGES)
+        .collect();
+    let objective = VaeObjective::new(
+        vae,
+        &cache,
+        cfg.train_vae.kl_weight,
+        req.device.clone(),
+        scale_images,
+    );
+    let t = &cfg.train_vae;
+    fit(
+        &objective,
+        &varmap,
+        &cache,
+        run,
+        req,
+        (&t.run, &t.optimizer, None),
+    )
+}
+
+/// Trains `objective`'s parameters (`varmap`) on the cache's training split, validating on its
+/// validation split.
+fn fit(
+    objective: &dyn Objective,
+    varmap: &VarMap,
+    cache: &Cache,
+    run: OpenedRun,
+    req: &RunRequest,
+    (run_cfg, optimizer, ema_decay): (&RunConfig, &OptimizerConfig, Option<f64>),
+) -> Result<TrainSummary> {
+    if run_cfg.grad_checkpointing {
+        eprintln!(
+            "warning: grad_checkpointing is not implemented yet (issue #4); training without it"
+        );
+    }
+    run.start()?;
+    let opts = TrainOptions {
+        config: run.config.clone(),
+        run: run_cfg.clone(),
+        optimizer: optimizer.clone(),
+        ema_decay,
+        out: run.dir,
+        max_steps: req.max_steps,
+        progress: req.progress,
+    };
+    trainer::train(
+        objective,
+        varmap,
+        &cache.indices(Split::Train),
+        &cache.indices(Split::Val),
+        &opts,
+        run.resume,
+    )
+}
+
+/// A trained VAE read from a `train-vae` run (its best checkpoint, else its last).
+pub struct TrainedVae {
+    pub vae: Vae,
+    pub latent_scale: f64,
+    /// The weights file as bytes, to be carried by diffusion checkpoints.
+    pub bytes: Vec<u8>,
+    pub source: PathBuf,
+}
+
+impl TrainedVae {
+    /// From a VAE run folder (its best checkpoint, else its last), or a checkpoint folder.
+    pub fn load(path: &Path, cfg: &Config, device: &Device) -> Result<Self> {
+        let (dir, state) = if path.join(checkpoint::STATE).is_file() {
+            (path.to_path_buf(), checkpoint::read_state(path)?)
+        } else {
+            checkpoint::resolve(path, checkpoint::BEST)
+                .or_else(|_| checkpoint::resolve(path, checkpoint::LAST))?
+        };
+        if state.stage != "vae" {
+            bail!(
+                "{} is a {} checkpoint, not a VAE",
+                dir.display(),
+                state.stage
+            );
+        }
+        if state.config.vae != cfg.vae {
+            bail!(
+                "the VAE in {} was trained with another `vae:` config section than this run's",
+                dir.display()
+            );
+        }
+        Self::from_file(&dir.join(MODEL), &state, dir.clone(), cfg, device)
+    }
+
+    /// The VAE a diffusion checkpoint carries (vae.safetensors, with the scale in its state).
+    pub fn carried_by(dir: &Path, cfg: &Config, device: &Device) -> Result<Self> {
+        let state = checkpoint::read_state(dir)?;
+        let source = PathBuf::from(state.extra["vae_source"].as_str().unwrap_or_default());
+        Self::from_file(&dir.join(VAE_FILE), &state, source, cfg, device)
+    }
+
+    fn from_file(
+        path: &Path,
+        state: &TrainState,
+        source: PathBuf,
+        cfg: &Config,
+        device: &Device,
+    ) -> Result<Self> {
+        let latent_scale = state.extra["latent_scale"]
+            .as_f64()
+            .with_context(|| format!("the checkpoint of {} has no latent_scale", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
+        let vae = Vae::new(&cfg.vae, vb)
+            .with_context(|| format!("{} does not hold this config's VAE", path.display()))?;
+        Ok(Self {
+            vae,
+            latent_scale,
+            bytes,
+            source,
+        })
+    }
+}
+
+struct DiffusionObjective {
+    unet: UNet,
+    head: TextHead,
+    text: TextEncoder,
+    schedule: NoiseSchedule,
+    /// Posterior of every cached image under the frozen VAE: [N, C, h, w] each.
+    mean: Tensor,
+    logvar: Tensor,
+    latent_scale: f64,
+    texts: Vec<String>,
+    null_text_prob: f64,
+    device: Device,
+    vae_bytes: Vec<u8>,
+    vae_source: String,
+}
+
+impl Objective for DiffusionObjective {
+    fn stage(&self) -> &'static str {
+        "diffusion"
+    }
+
+    fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
+        let (_, c, h, w) = self.mean.dims4()?;
+        let mut texts = Vec::with_capacity(indices.len());
+        let mut t = Vec::with_capacity(indices.len());
+        let (mut eps_z, mut noise) = (Vec::new(), Vec::new());
+        // Per sample, in order: null-text draw, timestep, latent sample, noise.
+        for &i in indices {
+            let null = rng.uniform() < self.null_text_prob;
+            texts.push(if null { "" } else { self.texts[i].as_str() });
+            t.push(rng.below(self.schedule.timesteps()));
+            eps_z.push(rng.randn((1, c, h, w), &self.device)?);
+            noise.push(rng.randn((1, c, h, w), &self.device)?);
+        }
+        let idx = Tensor::from_vec(
+            indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            indices.len(),
+            &self.device,
+        )?;
+        let mean = self.mean.index_select(&idx, 0)?;
+        let std = (self.logvar.index_select(&idx, 0)? * 0.5)?.exp()?;
+        let z = ((mean + (std * Tensor::cat(&eps_z, 0)?)?)? * self.latent_scale)?;
+        let (hidden, mask) = self.text.encode(&texts, &self.device)?;
+        let total = diffusion_loss(
+            &self.unet,
+            &self.head,
+            &self.schedule,
+            &z,
+            &t,
+            &Tensor::cat(&noise, 0)?,
+            &hidden,
+            &mask,
+        )?;
+        Ok(Loss {
+            total,
+            parts: vec![],
+        })
+    }
+
+    fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
+        Ok(CheckpointExtras {
+            files: vec![(VAE_FILE.to_string(), self.vae_bytes.clone())],
+            meta: json!({ "latent_scale": self.latent_scale, "vae_source": self.vae_source }),
+        })
+    }
+}
+
+/// The posterior moments of every cached image under `vae`, in batches.
+fn encode_all(
+    vae: &Vae,
+    cache: &Cache,
+    device: &Device,
+    progress: bool,
+) -> Result<(Tensor, Tensor)> {
+    let bar = if progress {
+        indicatif::ProgressBar::new(cache.len() as u64).with_prefix("encoding latents")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let (mut means, mut logvars) = (Vec::new(), Vec::new());
+    let all: Vec<usize> = (0..cache.len()).collect();
+    for chunk in all.chunks(16) {
+        let post = vae.encode(&cache.images(chunk, device)?)?;
+        means.push(post.mean.detach());
+        logvars.push(post.logvar.detach());
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok((Tensor::cat(&means, 0)?, Tensor::cat(&logvars, 0)?))
+}
+
+pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<TrainSummary> {
+    let run = open_run(req)?;
+    let cfg = run.config.clone();
+    let cache = Cache::open(&req.data)?;
+    check_cache(&cache, &cfg)?;
+    // A resumed run uses the VAE its checkpoints carry; a new one the VAE run given.
+    let vae = match (&run.resume, vae_run) {
+        (Some((dir, _)), None) => TrainedVae::carried_by(dir, &cfg, &req.device)?,
+        (Some(_), Some(_)) => {
+            bail!("--vae is not used with --resume: the run's checkpoints carry their VAE")
+        }
+        (None, Some(path)) => TrainedVae::load(path, &cfg, &req.device)?,
+        (None, None) => {
+            bail!("--vae is needed: the train-vae run (or checkpoint) whose latents to learn")
+        }
+    };
+    let text = TextEncoder::load(&cfg.text, &req.device)?;
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, cfg.train_diffusion.run.seed, &req.device);
+    let unet = UNet::new(
+        &cfg.unet,
+        cfg.vae.latent_channels,
+        cfg.text.context_dim,
+        vb.pp("unet"),
+    )?;
+    let head = TextHead::new(text.hidden_size(), cfg.text.context_dim, vb.pp("text_head"))?;
+    let (mean, logvar) = encode_all(&vae.vae, &cache, &req.device, req.progress)?;
+    let objective = DiffusionObjective {
+        unet,
+        head,
+        text,
+        schedule: NoiseSchedule::new(&cfg.diffusion),
+        mean,
+        logvar,
+        latent_scale: vae.latent_scale,
+        texts: cache.records.iter().map(|r| r.text.clone()).collect(),
+        null_text_prob: cfg.train_diffusion.null_text_prob,
+        device: req.device.clone(),
+        vae_bytes: vae.bytes,
+        vae_source: vae.source.display().to_string(),
+    };
+    let t = &cfg.train_diffusion;
+    fit(
+        &objective,
+        &varmap,
+        &cache,
+        run,
+        req,
+        (&t.run, &t.optimizer, Some(t.ema_decay)),
+    )
+}

@@ -1,0 +1,434 @@
+//! The training loop shared by both stages: shuffled micro-batches, gradient accumulation (one
+//! "step" is one optimizer step everywhere), global-norm clipping, AdamW with a warm-up + cosine
+//! schedule, EMA, validation every epoch, checkpoints, exact resume, and non-finite losses skipped
+//! and counted.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::checkpoint::{self, Checkpointer, TrainState, EMA, MODEL, OPTIMIZER};
+use super::ema::Ema;
+use super::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::config::{Config, OptimizerConfig, RunConfig};
+use crate::rng::Rng;
+
+pub const METRICS: &str = "metrics.jsonl";
+pub const CONFIG: &str = "config.yaml";
+
+/// A micro-batch's loss: the scalar to minimise and named parts to log.
+pub struct Loss {
+    pub total: Tensor,
+    pub parts: Vec<(&'static str, Tensor)>,
+}
+
+/// What a stage trains.
+pub trait Objective {
+    /// `vae` or `diffusion`.
+    fn stage(&self) -> &'static str;
+    /// The loss of the training images `indices` (cache indices), drawing all randomness from
+    /// `rng`, sample by sample, so that a batch gives what its samples give one at a time.
+    fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss>;
+    /// What a checkpoint of this stage carries besides the weights.
+    fn checkpoint_extras(&self) -> Result<CheckpointExtras>;
+}
+
+/// Stage files (name, bytes) and metadata (stored as `extra` in state.json).
+pub struct CheckpointExtras {
+    pub files: Vec<(String, Vec<u8>)>,
+    pub meta: serde_json::Value,
+}
+
+pub struct TrainOptions {
+    pub config: Config,
+    pub run: RunConfig,
+    pub optimizer: OptimizerConfig,
+    /// EMA of the weights (diffusion); None for none.
+    pub ema_decay: Option<f64>,
+    pub out: PathBuf,
+    /// Stop after this many optimizer steps in all (smoke tests, benchmarks).
+    pub max_steps: Option<u64>,
+    pub progress: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub last_checkpoint: PathBuf,
+    pub best_val_loss: Option<f64>,
+    pub nonfinite_skipped: u64,
+}
+
+/// The trainable parameters of `varmap`, sorted by name.
+pub fn named_params(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut v: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Peak resident memory of this process in MiB (Linux: VmHWM), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        p.swap(i, rng.below(i + 1));
+    }
+    p
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Keeps the metric lines up to `step`: a resumed run continues the log where its checkpoint was.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::data::cache::write_synced(path, kept.as_bytes())
+}
+
+/// The mean loss over `indices` with a fixed noise seed, so that epochs compare like with like.
+pub fn validate(
+    objective: &dyn Objective,
+    indices: &[usize],
+    batch: usize,
+    seed: u64,
+) -> Result<Option<f64>> {
+    if indices.is_empty() {
+        return Ok(None);
+    }
+    let mut rng = Rng::new(seed ^ 0x7661_6c69_6461_7465);
+    let mut sum = 0.0;
+    for chunk in indices.chunks(batch) {
+        let loss = objective.loss(chunk, &mut rng)?;
+        sum += scalar(&loss.total)? * chunk.len() as f64;
+    }
+    Ok(Some(sum / indices.len() as f64))
+}
+
+/// Gradients of the mean loss over `batches` (the mean of the micro-batch gradients) and the mean
+/// of the logged loss parts; None when a loss is not finite.
+///
+/// Each micro-batch's gradients are detached as they are taken and its gradient store dropped
+/// before the next one, so that memory stays flat however many micro-batches are accumulated.
+#[allow(clippy::type_complexity)]
+pub fn accumulate(
+    objective: &dyn Objective,
+    params: &[(String, Var)],
+    batches: &[Vec<usize>],
+    rng: &mut Rng,
+) -> Result<Option<(Vec<Tensor>, Vec<(&'static str, f64)>)>> {
+    let k = batches.len() as f64;
+    let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut logged: Vec<(&'static str, f64)> = Vec::new();
+    for idx in batches {
+        let loss = objective.loss(idx, rng)?;
+        let value = scalar(&loss.total)?;
+        if !value.is_finite() {
+            return Ok(None);
+        }
+        let grads = loss.total.backward()?;
+        for (slot, (_, var)) in acc.iter_mut().zip(params) {
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => g.detach(),
+                None => var.as_tensor().zeros_like()?,
+            };
+            *slot = Some(match slot.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+        drop(grads);
+        let mut parts = vec![("loss", value)];
+        for (name, t) in &loss.parts {
+            parts.push((name, scalar(t)?));
+        }
+        for (name, v) in parts {
+            match logged.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, s)) => *s += v / k,
+                None => logged.push((name, v / k)),
+            }
+        }
+    }
+    let grads = acc
+        .into_iter()
+        .map(|g| Ok((g.expect("one gradient per parameter") / k)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some((grads, logged)))
+}
+
+pub fn train(
+    objective: &dyn Objective,
+    varmap: &VarMap,
+    train_indices: &[usize],
+    val_indices: &[usize],
+    opts: &TrainOptions,
+    resume: Option<(PathBuf, TrainState)>,
+) -> Result<TrainSummary> {
+    let run = &opts.run;
+    let micro = run.batch_size;
+    let per_step = micro * run.grad_accumulation;
+    let steps_per_epoch = train_indices.len() / per_step;
+    if steps_per_epoch == 0 {
+        bail!(
+            "{} training images are fewer than one optimizer step needs (batch_size {} × grad_accumulation {})",
+            train_indices.len(),
+            micro,
+            run.grad_accumulation
+        );
+    }
+    let total_steps = (run.epochs * steps_per_epoch) as u64;
+    let stop_at = opts.max_steps.map_or(total_steps, |m| m.min(total_steps));
+
+    let params = named_params(varmap);
+    let mut optimizer = AdamW::new(params.clone(), &opts.optimizer)?;
+    let mut ema = match opts.ema_decay {
+        Some(d) => Some(Ema::new(optimizer.params(), d)?),
+        None => None,
+    };
+    let checkpointer = Checkpointer::new(&opts.out, run.keep_last)?;
+    let metrics_path = opts.out.join(METRICS);
+
+    let mut state = match resume {
+        Some((dir, state)) => {
+            let device = params
+                .first()
+                .map(|(_, v)| v.device().clone())
+                .unwrap_or(candle_core::Device::Cpu);
+            let model = checkpoint::load_tensors(&dir.join(MODEL), &device)?;
+            for (name, var) in &params {
+                let t = model
+                    .get(name)
+                    .with_context(|| format!("{} lacks {name}", dir.join(MODEL).display()))?;
+                var.set(t)?;
+            }
+            optimizer.load_state(
+                &checkpoint::load_tensors(&dir.join(OPTIMIZER), &device)?,
+                state.step,
+            )?;
+            if let Some(ema) = ema.as_mut() {
+                ema.load(&checkpoint::load_tensors(&dir.join(EMA), &device)?)?;
+            }
+            truncate_metrics(&metrics_path, state.step)?;
+            state
+        }
+        None => TrainState {
+            cxrgen_version: env!("CARGO_PKG_VERSION").to_string(),
+            stage: objective.stage().to_string(),
+            step: 0,
+            total_steps,
+            epoch: 0,
+            step_in_epoch: 0,
+            epoch_rng: Rng::new(run.seed),
+            rng: Rng::new(run.seed ^ 0x6e6f_6973_6521),
+            best_val_loss: None,
+            nonfinite_skipped: 0,
+            extra: serde_json::Value::Null,
+            config: opts.config.clone(),
+        },
+    };
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+
+    let bar = if opts.progress {
+        let b = ProgressBar::new(stop_at);
+        b.set_style(
+            ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps {msg} eta {eta}")
+                .expect("valid template"),
+        );
+        b.set_prefix(objective.stage());
+        b.set_position(state.step);
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let save = |state: &mut TrainState,
+                optimizer: &AdamW,
+                ema: &Option<Ema>,
+                is_best: bool|
+     -> Result<PathBuf> {
+        let mut files = vec![
+            (
+                MODEL.to_string(),
+                checkpoint::safetensors_bytes(
+                    &params
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                        .collect(),
+                )?,
+            ),
+            (
+                OPTIMIZER.to_string(),
+                checkpoint::safetensors_bytes(&optimizer.state())?,
+            ),
+        ];
+        if let Some(ema) = ema {
+            files.push((
+                EMA.to_string(),
+                checkpoint::safetensors_bytes(&ema.tensors())?,
+            ));
+        }
+        let extras = objective.checkpoint_extras()?;
+        files.extend(extras.files);
+        state.extra = extras.meta;
+        checkpointer.save(&files, state, is_best)
+    };
+
+    let mut last_checkpoint = None;
+    let mut consecutive_bad = 0usize;
+    while state.step < stop_at {
+        // Each epoch's order comes from the data generator as it stood at the epoch's start.
+        let mut epoch_rng = state.epoch_rng.clone();
+        let order = permutation(train_indices.len(), &mut epoch_rng);
+        let epoch_start = Instant::now();
+        let mut epoch_loss = (0.0, 0usize);
+        while state.step_in_epoch < steps_per_epoch && state.step < stop_at {
+            let t0 = Instant::now();
+            let batches: Vec<Vec<usize>> = (0..run.grad_accumulation)
+                .map(|k| {
+                    let start = (state.step_in_epoch * run.grad_accumulation + k) * micro;
+                    order[start..start + micro]
+                        .iter()
+                        .map(|&i| train_indices[i])
+                        .collect()
+                })
+                .collect();
+            let accumulated = accumulate(objective, &params, &batches, &mut state.rng)?;
+            let finite = accumulated.is_some();
+            if !finite {
+                state.nonfinite_skipped += 1;
+                consecutive_bad += 1;
+                writeln!(
+                    metrics,
+                    "{}",
+                    json!({"kind": "skip", "step": state.step, "reason": "non-finite loss"})
+                )?;
+                bar.println(format!(
+                    "step {}: non-finite loss, step skipped ({} in a row)",
+                    state.step, consecutive_bad
+                ));
+                if consecutive_bad >= run.max_nonfinite {
+                    let last = checkpoint::resolve(&opts.out, checkpoint::LAST)
+                        .map(|(d, s)| format!("{} (step {})", d.display(), s.step))
+                        .unwrap_or_else(|_| "none was written yet".into());
+                    bail!(
+                        "{consecutive_bad} non-finite losses in a row at step {}: stopping (max_nonfinite = {}). Last good checkpoint: {last}",
+                        state.step,
+                        run.max_nonfinite
+                    );
+                }
+                // Move on to the next micro-batches rather than retrying the same ones.
+                state.step_in_epoch += 1;
+                continue;
+            }
+            consecutive_bad = 0;
+            let (mut grads, logged) = accumulated.expect("finite");
+            let grad_norm = clip_grad_norm(&mut grads, opts.optimizer.grad_clip)?;
+            let lr = learning_rate(&opts.optimizer, state.step, total_steps);
+            optimizer.step(&grads, lr)?;
+            if let Some(ema) = ema.as_mut() {
+                ema.update(optimizer.params(), state.step)?;
+            }
+            state.step += 1;
+            state.step_in_epoch += 1;
+            let seconds = t0.elapsed().as_secs_f64();
+            let loss = logged[0].1;
+            epoch_loss = (epoch_loss.0 + loss, epoch_loss.1 + 1);
+            let mut line = json!({
+                "kind": "step", "step": state.step, "epoch": state.epoch, "lr": lr,
+                "grad_norm": grad_norm, "images_per_s": per_step as f64 / seconds,
+            });
+            for (name, v) in &logged {
+                line[*name] = json!(v);
+            }
+            writeln!(metrics, "{line}")?;
+            bar.set_position(state.step);
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {:.1} img/s",
+                per_step as f64 / seconds
+            ));
+            if state.step % run.checkpoint_every as u64 == 0
+                && state.step_in_epoch < steps_per_epoch
+            {
+                last_checkpoint = Some(save(&mut state, &optimizer, &ema, false)?);
+            }
+        }
+        let epoch_done = state.step_in_epoch >= steps_per_epoch;
+        if epoch_done {
+            let val = validate(objective, val_indices, micro, run.seed)?;
+            let is_best = val.is_some_and(|v| state.best_val_loss.is_none_or(|b| v < b));
+            if is_best {
+                state.best_val_loss = val;
+            }
+            // The next epoch starts from here: its shuffle comes from the generator as it is now.
+            state.epoch += 1;
+            state.step_in_epoch = 0;
+            state.epoch_rng = epoch_rng;
+            writeln!(
+                metrics,
+                "{}",
+                json!({
+                    "kind": "epoch", "epoch": state.epoch, "step": state.step,
+                    "train_loss": epoch_loss.0 / epoch_loss.1.max(1) as f64, "val_loss": val,
+                    "seconds": epoch_start.elapsed().as_secs_f64(), "peak_rss_mib": peak_rss_mib(),
+                })
+            )?;
+            bar.println(format!(
+                "epoch {}: train {:.5}, val {}, peak RSS {}",
+                state.epoch,
+                epoch_loss.0 / epoch_loss.1.max(1) as f64,
+                val.map_or("n/a".into(), |v| format!("{v:.5}")),
+                peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB"))
+            ));
+            last_checkpoint = Some(save(&mut state, &optimizer, &ema, is_best)?);
+        } else if state.step >= stop_at {
+            last_checkpoint = Some(save(&mut state, &optimizer, &ema, false)?);
+        }
+    }
+    bar.finish_and_clear();
+    metrics.flush()?;
+    let last_checkpoint = match last_checkpoint {
+        Some(p) => p,
+        None => checkpoint::resolve(&opts.out, checkpoint::LAST)?.0,
+    };
+    Ok(TrainSummary {
+        steps: state.step,
+        last_checkpoint,
+        best_val_loss: state.best_val_loss,
+        nonfinite_skipped: state.nonfinite_skipped,
+    })
+}

@@ -1,0 +1,283 @@
+//! Training on configs/tiny.yaml with phantom data, on the CPU: losses fall, gradient
+//! accumulation equals a large batch, a resumed run is bit-identical to an uninterrupted one, and a
+//! kill at any moment leaves a loadable checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use candle_nn::VarMap;
+use cxrgen::config::Config;
+use cxrgen::data::cache::Cache;
+use cxrgen::model::{seeded_var_builder, Vae};
+use cxrgen::rng::Rng;
+use cxrgen::train::stages::VaeObjective;
+use cxrgen::train::trainer::{accumulate, named_params};
+
+fn cxrgen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cxrgen"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cxrgen-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// 96 phantoms of 64×64, prepared with the tiny config, shared by the tests of this file.
+fn cache() -> &'static Path {
+    static CACHE: OnceLock<PathBuf> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let dir = tmp("data");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ph = dir.join("phantoms");
+        let cache = dir.join("cache");
+        ok(cxrgen(&[
+            "phantom",
+            "--n",
+            "96",
+            "--size",
+            "64",
+            "--seed",
+            "3",
+            "--out",
+            ph.to_str().unwrap(),
+        ]));
+        ok(cxrgen(&[
+            "prepare",
+            "--config",
+            "tiny",
+            "--iu",
+            ph.to_str().unwrap(),
+            "--out",
+            cache.to_str().unwrap(),
+        ]));
+        cache
+    })
+}
+
+fn metric_series(run: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "step")
+        .map(|v| v[key].as_f64().unwrap())
+        .collect()
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+fn train_vae(out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train-vae",
+        "--config",
+        "tiny",
+        "--data",
+        cache().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    cxrgen(&args)
+}
+
+#[test]
+fn vae_and_diffusion_losses_fall_by_half() {
+    let vae = tmp("vae-loss");
+    ok(train_vae(&vae, &["--max-steps", "24"]));
+    let recon = metric_series(&vae, "recon");
+    assert_eq!(recon.len(), 24);
+    let (first, last) = (mean(&recon[..4]), mean(&recon[20..]));
+    assert!(
+        last <= 0.5 * first,
+        "VAE reconstruction {first:.4} → {last:.4}"
+    );
+
+    let diff = tmp("diffusion-loss");
+    ok(cxrgen(&[
+        "train-diffusion",
+        "--config",
+        "tiny",
+        "--data",
+        cache().to_str().unwrap(),
+        "--vae",
+        vae.to_str().unwrap(),
+        "--out",
+        diff.to_str().unwrap(),
+        "--max-steps",
+        "100",
+    ]));
+    let loss = metric_series(&diff, "loss");
+    let (first, last) = (mean(&loss[..5]), mean(&loss[90..]));
+    assert!(last <= 0.5 * first, "diffusion loss {first:.4} → {last:.4}");
+    // The checkpoint carries the VAE and the latent scale computed from the training latents.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(diff.join("checkpoints/step-00000100/state.json")).unwrap(),
+    )
+    .unwrap();
+    let scale = state["extra"]["latent_scale"].as_f64().unwrap();
+    assert!(
+        scale.is_finite() && scale > 0.0 && (scale - 0.18215).abs() > 1e-3,
+        "{scale}"
+    );
+    assert!(diff
+        .join("checkpoints/step-00000100/vae.safetensors")
+        .is_file());
+    assert!(diff
+        .join("checkpoints/step-00000100/ema.safetensors")
+        .is_file());
+    for d in [vae, diff] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn accumulated_micro_batches_equal_one_large_batch() {
+    let cfg = Config::load("tiny").unwrap();
+    let cache = Cache::open(cache()).unwrap();
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vae = Vae::new(&cfg.vae, seeded_var_builder(&varmap, 1, &dev)).unwrap();
+    let objective = VaeObjective::new(vae, &cache, cfg.train_vae.kl_weight, dev, vec![]);
+    let params = named_params(&varmap);
+    let idx: Vec<usize> = (0..8).collect();
+    let (big, _) = accumulate(
+        &objective,
+        &params,
+        std::slice::from_ref(&idx),
+        &mut Rng::new(5),
+    )
+    .unwrap()
+    .unwrap();
+    let micro: Vec<Vec<usize>> = idx.chunks(2).map(|c| c.to_vec()).collect();
+    let (acc, _) = accumulate(&objective, &params, &micro, &mut Rng::new(5))
+        .unwrap()
+        .unwrap();
+    let mut worst = 0f32;
+    for (a, b) in big.iter().zip(&acc) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(d);
+    }
+    assert!(
+        worst <= 1e-5,
+        "4 micro-batches of 2 vs one batch of 8: max difference {worst}"
+    );
+}
+
+#[test]
+fn resumed_run_is_bit_identical() {
+    let whole = tmp("whole");
+    ok(train_vae(&whole, &["--max-steps", "12"]));
+    let split = tmp("split");
+    ok(train_vae(&split, &["--max-steps", "5"]));
+    // Resumed mid-epoch (8 steps an epoch), it crosses an epoch boundary.
+    ok(cxrgen(&[
+        "train-vae",
+        "--data",
+        cache().to_str().unwrap(),
+        "--resume",
+        split.to_str().unwrap(),
+        "--max-steps",
+        "12",
+    ]));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(whole.join("checkpoints/step-00000012").join(file)).unwrap();
+        let b = std::fs::read(split.join("checkpoints/step-00000012").join(file)).unwrap();
+        assert!(a == b, "{file} differs after resume");
+    }
+    assert_eq!(
+        metric_series(&whole, "loss"),
+        metric_series(&split, "loss"),
+        "same losses, step by step"
+    );
+    for d in [whole, split] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
+    // A checkpoint every step, so that kills land inside writes.
+    let dir = tmp("kill");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg_path = dir.join("every-step.yaml");
+    std::fs::write(
+        &cfg_path,
+        "base: tiny\ntrain_vae:\n  run:\n    checkpoint_every: 1\n",
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let mut kills = 0;
+    for delay_ms in [2500u64, 3300, 4100, 4900] {
+        let args: Vec<String> = if run.join("checkpoints/last.json").exists() {
+            vec![
+                "train-vae".into(),
+                "--data".into(),
+                cache().display().to_string(),
+                "--resume".into(),
+                run.display().to_string(),
+            ]
+        } else {
+            let _ = std::fs::remove_dir_all(&run);
+            vec![
+                "train-vae".into(),
+                "--config".into(),
+                cfg_path.display().to_string(),
+                "--data".into(),
+                cache().display().to_string(),
+                "--out".into(),
+                run.display().to_string(),
+            ]
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cxrgen"))
+            .args(&args)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+        if !run.join("checkpoints/last.json").exists() {
+            continue;
+        }
+        let (ckpt, state) = cxrgen::train::checkpoint::resolve(&run, "last.json").unwrap();
+        let model =
+            cxrgen::train::checkpoint::load_tensors(&ckpt.join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        assert!(!model.is_empty());
+        cxrgen::train::checkpoint::load_tensors(&ckpt.join("optimizer.safetensors"), &Device::Cpu)
+            .unwrap();
+        assert!(state.step > 0);
+    }
+    assert!(kills >= 2, "the runs ended before they could be killed");
+    assert!(
+        run.join("checkpoints/last.json").exists(),
+        "no checkpoint was ever completed"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
