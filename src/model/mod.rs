@@ -1,6 +1,7 @@
 //! The three networks: the VAE, the U-Net and the text encoder, and the layers they share.
 
 pub mod attention;
+pub mod checkpointing;
 pub mod init;
 pub mod layers;
 pub mod resnet;

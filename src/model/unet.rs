@@ -4,7 +4,10 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
 
+use std::sync::Arc;
+
 use super::attention::SpatialTransformer;
+use super::checkpointing::{self, GradCheckpoint};
 use super::resnet::{conv3x3, ResBlock, ResBlockConfig, NORM_EPS};
 use crate::config::UnetConfig;
 
@@ -70,13 +73,33 @@ impl Layer {
         temb: &Tensor,
         context: &Tensor,
         bias: Option<&Tensor>,
+        ckpt: Option<&GradCheckpoint>,
     ) -> Result<Tensor> {
-        let xs = self.res.forward(xs, Some(temb))?;
+        let xs = resblock(&self.res, xs, temb, ckpt)?;
         match &self.attn {
-            Some(attn) => attn.forward(&xs, context, bias),
+            Some(attn) => {
+                let (attn, context, bias) = (attn.clone(), context.clone(), bias.cloned());
+                let f = Arc::new(move |x: &Tensor| attn.forward(x, &context, bias.as_ref()));
+                checkpointing::run(ckpt, &xs, f)
+            }
             None => Ok(xs),
         }
     }
+}
+
+/// A ResBlock with the time embedding, checkpointed when `ckpt` is given.
+fn resblock(
+    res: &ResBlock,
+    xs: &Tensor,
+    temb: &Tensor,
+    ckpt: Option<&GradCheckpoint>,
+) -> Result<Tensor> {
+    let (res, temb) = (res.clone(), temb.clone());
+    checkpointing::run(
+        ckpt,
+        xs,
+        Arc::new(move |x: &Tensor| res.forward(x, Some(&temb))),
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -98,9 +121,16 @@ pub struct UNet {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     base_channels: usize,
+    checkpoint: Option<GradCheckpoint>,
 }
 
 impl UNet {
+    /// Recompute ResBlocks and transformer blocks in the backward pass instead of keeping their
+    /// activations (None: keep them).
+    pub fn set_checkpointing(&mut self, ckpt: Option<GradCheckpoint>) {
+        self.checkpoint = ckpt;
+    }
+
     /// `latent_channels`: the VAE's; `context_dim`: the text head's output width.
     pub fn new(
         cfg: &UnetConfig,
@@ -184,6 +214,7 @@ impl UNet {
             norm_out: group_norm(cfg.norm_groups, c0, NORM_EPS, vb.pp("norm_out"))?,
             conv_out: conv3x3(c0, latent_channels, 1, vb.pp("conv_out"))?,
             base_channels: c0,
+            checkpoint: None,
         })
     }
 
@@ -204,11 +235,12 @@ impl UNet {
             .time_linear_2
             .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
 
+        let ckpt = self.checkpoint.as_ref();
         let mut h = self.conv_in.forward(xs)?;
         let mut skips = vec![h.clone()];
         for level in &self.down {
             for layer in &level.layers {
-                h = layer.forward(&h, &temb, context, bias)?;
+                h = layer.forward(&h, &temb, context, bias, ckpt)?;
                 skips.push(h.clone());
             }
             if let Some(conv) = &level.resample {
@@ -217,13 +249,13 @@ impl UNet {
             }
         }
 
-        h = self.mid_1.forward(&h, &temb, context, bias)?;
-        h = self.mid_2.forward(&h, Some(&temb))?;
+        h = self.mid_1.forward(&h, &temb, context, bias, ckpt)?;
+        h = resblock(&self.mid_2, &h, &temb, ckpt)?;
 
         for level in &self.up {
             for layer in &level.layers {
                 let skip = skips.pop().expect("one skip per up layer");
-                h = layer.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb, context, bias)?;
+                h = layer.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb, context, bias, ckpt)?;
             }
             if let Some(conv) = &level.resample {
                 let (_, _, hh, ww) = h.dims4()?;

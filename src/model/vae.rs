@@ -3,7 +3,10 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
 
+use std::sync::Arc;
+
 use super::attention::SpatialSelfAttention;
+use super::checkpointing::{self, GradCheckpoint};
 use super::resnet::{conv3x3, ResBlock, ResBlockConfig, NORM_EPS};
 use crate::config::VaeConfig;
 
@@ -31,10 +34,14 @@ impl Stage {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.res.forward(xs, None)?;
+    fn forward(&self, xs: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<Tensor> {
+        let res = self.res.clone();
+        let xs = checkpointing::run(ckpt, xs, Arc::new(move |x: &Tensor| res.forward(x, None)))?;
         match &self.attn {
-            Some(attn) => attn.forward(&xs),
+            Some(attn) => {
+                let attn = attn.clone();
+                checkpointing::run(ckpt, &xs, Arc::new(move |x: &Tensor| attn.forward(x)))
+            }
             None => Ok(xs),
         }
     }
@@ -100,10 +107,10 @@ impl Encoder {
     }
 
     /// [B, 1, H, W] in [-1, 1] → Gaussian over [B, C_lat, H/2^k, W/2^k]
-    pub fn forward(&self, xs: &Tensor) -> Result<DiagonalGaussian> {
+    pub fn forward(&self, xs: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<DiagonalGaussian> {
         let mut h = self.conv_in.forward(xs)?;
         for s in &self.stages {
-            h = s.forward(&h)?;
+            h = s.forward(&h, ckpt)?;
         }
         let moments = self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?;
         let c = moments.dim(1)? / 2;
@@ -149,14 +156,14 @@ impl Decoder {
     }
 
     /// [B, C_lat, h, w] → [B, 1, h·2^k, w·2^k] (unbounded; ≈ [-1, 1] once trained)
-    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, z: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<Tensor> {
         let mut h = self.conv_in.forward(z)?;
         for (up, s) in &self.stages {
             if *up {
                 let (_, _, hh, ww) = h.dims4()?;
                 h = h.upsample_nearest2d(2 * hh, 2 * ww)?;
             }
-            h = s.forward(&h)?;
+            h = s.forward(&h, ckpt)?;
         }
         self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
     }
@@ -166,6 +173,7 @@ impl Decoder {
 pub struct Vae {
     pub encoder: Encoder,
     pub decoder: Decoder,
+    checkpoint: Option<GradCheckpoint>,
 }
 
 impl Vae {
@@ -173,16 +181,23 @@ impl Vae {
         Ok(Self {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            checkpoint: None,
         })
+    }
+
+    /// Recompute ResBlocks and attention blocks in the backward pass instead of keeping their
+    /// activations (None: keep them).
+    pub fn set_checkpointing(&mut self, ckpt: Option<GradCheckpoint>) {
+        self.checkpoint = ckpt;
     }
 
     /// [B, 1, H, W] → latent Gaussian
     pub fn encode(&self, xs: &Tensor) -> Result<DiagonalGaussian> {
-        self.encoder.forward(xs)
+        self.encoder.forward(xs, self.checkpoint.as_ref())
     }
 
     /// [B, C_lat, h, w] → [B, 1, H, W]
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.decoder.forward(z)
+        self.decoder.forward(z, self.checkpoint.as_ref())
     }
 }

@@ -15,8 +15,10 @@ use crate::config::{Config, OptimizerConfig, RunConfig};
 use crate::data::cache::Cache;
 use crate::data::split::Split;
 use crate::diffusion::NoiseSchedule;
+use crate::model::checkpointing::GradCheckpoint;
 use crate::model::{seeded_var_builder, TextEncoder, TextHead, UNet, Vae};
 use crate::rng::Rng;
+use candle_core::backprop::GradStore;
 
 /// The frozen VAE weights a diffusion checkpoint carries, so that it is complete on its own.
 pub const VAE_FILE: &str = "vae.safetensors";
@@ -143,23 +145,28 @@ pub struct VaeObjective<'a> {
     kl_weight: f64,
     device: Device,
     scale_indices: Vec<usize>,
+    checkpoint: Option<GradCheckpoint>,
 }
 
 impl<'a> VaeObjective<'a> {
-    /// `scale_indices`: the images the latent scale is estimated on (training images).
+    /// `scale_indices`: the images the latent scale is estimated on (training images);
+    /// `checkpoint`: gradient checkpointing over the VAE's parameters, if wanted.
     pub fn new(
-        vae: Vae,
+        mut vae: Vae,
         cache: &'a Cache,
         kl_weight: f64,
         device: Device,
         scale_indices: Vec<usize>,
+        checkpoint: Option<GradCheckpoint>,
     ) -> Self {
+        vae.set_checkpointing(checkpoint.clone());
         Self {
             vae,
             cache,
             kl_weight,
             device,
             scale_indices,
+            checkpoint,
         }
     }
 
@@ -209,6 +216,10 @@ impl Objective for VaeObjective<'_> {
             meta: json!({ "latent_scale": self.latent_scale()? }),
         })
     }
+
+    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        backward_with(loss, self.checkpoint.as_ref())
+    }
 }
 
 pub fn train_vae(req: &RunRequest) -> Result<TrainSummary> {
@@ -232,6 +243,7 @@ pub fn train_vae(req: &RunRequest) -> Result<TrainSummary> {
         cfg.train_vae.kl_weight,
         req.device.clone(),
         scale_images,
+        checkpointing_for(&cfg.train_vae.run, &varmap)?,
     );
     let t = &cfg.train_vae;
     fit(
@@ -254,11 +266,6 @@ fn fit(
     req: &RunRequest,
     (run_cfg, optimizer, ema_decay): (&RunConfig, &OptimizerConfig, Option<f64>),
 ) -> Result<TrainSummary> {
-    if run_cfg.grad_checkpointing {
-        eprintln!(
-            "warning: grad_checkpointing is not implemented yet (issue #4); training without it"
-        );
-    }
     run.start()?;
     let opts = TrainOptions {
         config: run.config.clone(),
@@ -359,6 +366,25 @@ struct DiffusionObjective {
     device: Device,
     vae_bytes: Vec<u8>,
     vae_source: String,
+    checkpoint: Option<GradCheckpoint>,
+}
+
+/// `loss.backward()` plus the gradients gradient-checkpointed segments collected.
+fn backward_with(loss: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<GradStore> {
+    let mut grads = loss.backward()?;
+    if let Some(c) = ckpt {
+        c.merge_into(&mut grads)?;
+    }
+    Ok(grads)
+}
+
+/// Gradient checkpointing over all of `varmap`'s parameters when the run asks for it.
+fn checkpointing_for(run: &RunConfig, varmap: &VarMap) -> Result<Option<GradCheckpoint>> {
+    Ok(if run.grad_checkpointing {
+        Some(GradCheckpoint::new(varmap.all_vars())?)
+    } else {
+        None
+    })
 }
 
 impl Objective for DiffusionObjective {
@@ -402,6 +428,10 @@ impl Objective for DiffusionObjective {
             total,
             parts: vec![],
         })
+    }
+
+    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        backward_with(loss, self.checkpoint.as_ref())
     }
 
     fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
@@ -455,13 +485,15 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
     let text = TextEncoder::load(&cfg.text, &req.device)?;
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, cfg.train_diffusion.run.seed, &req.device);
-    let unet = UNet::new(
+    let mut unet = UNet::new(
         &cfg.unet,
         cfg.vae.latent_channels,
         cfg.text.context_dim,
         vb.pp("unet"),
     )?;
     let head = TextHead::new(text.hidden_size(), cfg.text.context_dim, vb.pp("text_head"))?;
+    let checkpoint = checkpointing_for(&cfg.train_diffusion.run, &varmap)?;
+    unet.set_checkpointing(checkpoint.clone());
     let (mean, logvar) = encode_all(&vae.vae, &cache, &req.device, req.progress)?;
     let objective = DiffusionObjective {
         unet,
@@ -476,6 +508,7 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
         device: req.device.clone(),
         vae_bytes: vae.bytes,
         vae_source: vae.source.display().to_string(),
+        checkpoint,
     };
     let t = &cfg.train_diffusion;
     fit(

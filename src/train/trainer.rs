@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,6 +38,10 @@ pub trait Objective {
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss>;
     /// What a checkpoint of this stage carries besides the weights.
     fn checkpoint_extras(&self) -> Result<CheckpointExtras>;
+    /// Gradients of `loss`, including those of gradient-checkpointed segments.
+    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        Ok(loss.backward()?)
+    }
 }
 
 /// Stage files (name, bytes) and metadata (stored as `extra` in state.json).
@@ -117,6 +122,15 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     crate::data::cache::write_synced(path, kept.as_bytes())
 }
 
+/// A line for the person watching: above the progress bar, or on stderr when there is none.
+fn say(bar: &ProgressBar, line: &str) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 /// The mean loss over `indices` with a fixed noise seed, so that epochs compare like with like.
 pub fn validate(
     objective: &dyn Objective,
@@ -157,7 +171,7 @@ pub fn accumulate(
         if !value.is_finite() {
             return Ok(None);
         }
-        let grads = loss.total.backward()?;
+        let grads = objective.backward(&loss.total)?;
         for (slot, (_, var)) in acc.iter_mut().zip(params) {
             let g = match grads.get(var.as_tensor()) {
                 Some(g) => g.detach(),
@@ -337,10 +351,13 @@ pub fn train(
                     "{}",
                     json!({"kind": "skip", "step": state.step, "reason": "non-finite loss"})
                 )?;
-                bar.println(format!(
-                    "step {}: non-finite loss, step skipped ({} in a row)",
-                    state.step, consecutive_bad
-                ));
+                say(
+                    &bar,
+                    &format!(
+                        "step {}: non-finite loss, step skipped ({} in a row)",
+                        state.step, consecutive_bad
+                    ),
+                );
                 if consecutive_bad >= run.max_nonfinite {
                     let last = checkpoint::resolve(&opts.out, checkpoint::LAST)
                         .map(|(d, s)| format!("{} (step {})", d.display(), s.step))
@@ -407,13 +424,16 @@ pub fn train(
                     "seconds": epoch_start.elapsed().as_secs_f64(), "peak_rss_mib": peak_rss_mib(),
                 })
             )?;
-            bar.println(format!(
-                "epoch {}: train {:.5}, val {}, peak RSS {}",
-                state.epoch,
-                epoch_loss.0 / epoch_loss.1.max(1) as f64,
-                val.map_or("n/a".into(), |v| format!("{v:.5}")),
-                peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB"))
-            ));
+            say(
+                &bar,
+                &format!(
+                    "epoch {}: train {:.5}, val {}, peak RSS {}",
+                    state.epoch,
+                    epoch_loss.0 / epoch_loss.1.max(1) as f64,
+                    val.map_or("n/a".into(), |v| format!("{v:.5}")),
+                    peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB"))
+                ),
+            );
             last_checkpoint = Some(save(&mut state, &optimizer, &ema, is_best)?);
         } else if state.step >= stop_at {
             last_checkpoint = Some(save(&mut state, &optimizer, &ema, false)?);
