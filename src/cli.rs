@@ -1,7 +1,8 @@
 //! The `cxrgen` command line: arguments → validated config → work.
 //!
 //! Exit codes: 0 success; 1 error (the message says what and where); 2 bad arguments (from clap);
-//! 3 the subcommand is not implemented yet.
+//! 3 the subcommand is not implemented yet; 130 stopped by Ctrl-C (training saves a checkpoint
+//! first).
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -198,13 +199,22 @@ fn train_request(args: &TrainArgs) -> crate::train::stages::RunRequest {
 
 fn report_training(s: &crate::train::trainer::TrainSummary) -> Result<ExitCode> {
     eprintln!(
-        "trained to step {}; last checkpoint {}; best validation loss {}; non-finite steps skipped {}",
+        "{} at step {}; last checkpoint {}; best validation loss {}; non-finite steps skipped {}",
+        if s.interrupted {
+            "interrupted"
+        } else {
+            "trained"
+        },
         s.steps,
         s.last_checkpoint.display(),
         s.best_val_loss.map_or("n/a".into(), |v| format!("{v:.5}")),
         s.nonfinite_skipped
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(if s.interrupted {
+        ExitCode::from(crate::interrupt::EXIT_CODE)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn not_implemented(name: &str, issue: &str) -> Result<ExitCode> {

@@ -1,11 +1,20 @@
 use std::process::ExitCode;
 
+use cxrgen::interrupt::{self, Interrupted};
+
 fn main() -> ExitCode {
+    if let Err(err) = interrupt::install() {
+        eprintln!("warning: Ctrl-C will not be handled gracefully: {err}");
+    }
     match cxrgen::cli::run() {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            if err.downcast_ref::<Interrupted>().is_some() {
+                ExitCode::from(interrupt::EXIT_CODE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -215,6 +215,7 @@ fn resumed_run_is_bit_identical() {
 
 #[test]
 fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
+    use cxrgen::train::checkpoint::{load_tensors, resolve};
     // A checkpoint every step, so that kills land inside writes.
     let dir = tmp("kill");
     std::fs::create_dir_all(&dir).unwrap();
@@ -225,55 +226,43 @@ fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
     )
     .unwrap();
     let run = dir.join("run");
-    let mut kills = 0;
-    for delay_ms in [2500u64, 3300, 4100, 4900] {
-        let args: Vec<String> = if run.join("checkpoints/last.json").exists() {
-            vec![
-                "train-vae".into(),
-                "--data".into(),
-                cache().display().to_string(),
-                "--resume".into(),
-                run.display().to_string(),
-            ]
-        } else {
+    let last_step = |run: &Path| resolve(run, "last.json").map(|(_, s)| s.step).unwrap_or(0);
+    for delay_ms in [0u64, 150, 400, 700] {
+        let before = last_step(&run);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cxrgen"));
+        cmd.args(["train-vae", "--data", cache().to_str().unwrap()]);
+        if before == 0 {
             let _ = std::fs::remove_dir_all(&run);
-            vec![
-                "train-vae".into(),
-                "--config".into(),
-                cfg_path.display().to_string(),
-                "--data".into(),
-                cache().display().to_string(),
-                "--out".into(),
-                run.display().to_string(),
-            ]
-        };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cxrgen"))
-            .args(&args)
-            .spawn()
-            .unwrap();
+            cmd.args([
+                "--config",
+                cfg_path.to_str().unwrap(),
+                "--out",
+                run.to_str().unwrap(),
+            ]);
+        } else {
+            cmd.args(["--resume", run.to_str().unwrap()]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        // Once this run has written a checkpoint of its own, kill it a little later: in the middle
+        // of computing or of writing the next one.
+        let started = std::time::Instant::now();
+        while last_step(&run) <= before && started.elapsed().as_secs() < 300 {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before it was killed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            kills += 1;
-        }
+        child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        if !run.join("checkpoints/last.json").exists() {
-            continue;
-        }
-        let (ckpt, state) = cxrgen::train::checkpoint::resolve(&run, "last.json").unwrap();
-        let model =
-            cxrgen::train::checkpoint::load_tensors(&ckpt.join("model.safetensors"), &Device::Cpu)
-                .unwrap();
-        assert!(!model.is_empty());
-        cxrgen::train::checkpoint::load_tensors(&ckpt.join("optimizer.safetensors"), &Device::Cpu)
-            .unwrap();
-        assert!(state.step > 0);
+        let (ckpt, state) = resolve(&run, "last.json").unwrap();
+        assert!(state.step > before, "progress was saved");
+        assert!(!load_tensors(&ckpt.join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .is_empty());
+        load_tensors(&ckpt.join("optimizer.safetensors"), &Device::Cpu).unwrap();
     }
-    assert!(kills >= 2, "the runs ended before they could be killed");
-    assert!(
-        run.join("checkpoints/last.json").exists(),
-        "no checkpoint was ever completed"
-    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -331,4 +320,51 @@ fn gradient_checkpointing_lowers_peak_memory() {
         peaks[0]
     );
     std::fs::remove_dir_all(&vae).unwrap();
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_130() {
+    let run = tmp("ctrl-c");
+    let child = Command::new(env!("CARGO_BIN_EXE_cxrgen"))
+        .args([
+            "train-vae",
+            "--config",
+            "tiny",
+            "--data",
+            cache().to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it take a few steps, then press Ctrl-C.
+    let started = std::time::Instant::now();
+    while metric_series_len(&run) < 2 && started.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let (_, state) = cxrgen::train::checkpoint::resolve(&run, "last.json").unwrap();
+    assert_eq!(
+        state.step as usize,
+        metric_series_len(&run),
+        "the checkpoint is at the last logged step"
+    );
+    std::fs::remove_dir_all(&run).unwrap();
+}
+
+fn metric_series_len(run: &Path) -> usize {
+    if run.join("metrics.jsonl").exists() {
+        metric_series(run, "loss").len()
+    } else {
+        0
+    }
 }

@@ -179,6 +179,10 @@ pub fn prepare(cfg: &Config, opts: &PrepareOptions) -> Result<Summary> {
     let mut shards = Vec::new();
     let mut pairs = records.into_iter().zip(texts).peekable();
     while pairs.peek().is_some() {
+        if crate::interrupt::requested() {
+            // The temporary folder is removed on the way out: no half-written cache.
+            return Err(crate::interrupt::Interrupted.into());
+        }
         let chunk: Vec<(Record, String)> = pairs.by_ref().take(SHARD_SIZE).collect();
         let decoded: Vec<Result<Vec<u8>, String>> = chunk
             .par_iter()

@@ -65,6 +65,8 @@ pub struct TrainOptions {
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
+    /// Stopped early by Ctrl-C (after saving a checkpoint).
+    pub interrupted: bool,
     pub steps: u64,
     pub last_checkpoint: PathBuf,
     pub best_val_loss: Option<f64>,
@@ -324,13 +326,23 @@ pub fn train(
 
     let mut last_checkpoint = None;
     let mut consecutive_bad = 0usize;
-    while state.step < stop_at {
+    let mut interrupted = false;
+    'epochs: while state.step < stop_at {
         // Each epoch's order comes from the data generator as it stood at the epoch's start.
         let mut epoch_rng = state.epoch_rng.clone();
         let order = permutation(train_indices.len(), &mut epoch_rng);
         let epoch_start = Instant::now();
         let mut epoch_loss = (0.0, 0usize);
         while state.step_in_epoch < steps_per_epoch && state.step < stop_at {
+            if crate::interrupt::requested() {
+                say(
+                    &bar,
+                    &format!("saving a checkpoint at step {} before stopping", state.step),
+                );
+                last_checkpoint = Some(save(&mut state, &optimizer, &ema, false)?);
+                interrupted = true;
+                break 'epochs;
+            }
             let t0 = Instant::now();
             let batches: Vec<Vec<usize>> = (0..run.grad_accumulation)
                 .map(|k| {
@@ -446,6 +458,7 @@ pub fn train(
         None => checkpoint::resolve(&opts.out, checkpoint::LAST)?.0,
     };
     Ok(TrainSummary {
+        interrupted,
         steps: state.step,
         last_checkpoint,
         best_val_loss: state.best_val_loss,
