@@ -105,6 +105,10 @@ fn vae_and_diffusion_losses_fall_by_half() {
     ok(train_vae(&vae, &["--max-steps", "24"]));
     let recon = metric_series(&vae, "recon");
     assert_eq!(recon.len(), 24);
+    let plot = image::open(vae.join("loss.png"))
+        .expect("loss.png written")
+        .to_rgb8();
+    assert_eq!(plot.dimensions(), (800, 480));
     let (first, last) = (mean(&recon[..4]), mean(&recon[20..]));
     assert!(
         last <= 0.5 * first,

@@ -1,3 +1,4 @@
-//! Files people look at: image grids.
+//! Files people look at: image grids and loss curves.
 
 pub mod grid;
+pub mod plot;

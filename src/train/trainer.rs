@@ -21,6 +21,7 @@ use crate::config::{Config, OptimizerConfig, RunConfig};
 use crate::rng::Rng;
 
 pub const METRICS: &str = "metrics.jsonl";
+pub const LOSS_PLOT: &str = "loss.png";
 pub const CONFIG: &str = "config.yaml";
 
 /// A micro-batch's loss: the scalar to minimise and named parts to log.
@@ -122,6 +123,45 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     crate::data::cache::write_synced(path, kept.as_bytes())
+}
+
+/// Draws `loss.png` in `run_dir` from its metrics: the training loss of every step and the
+/// validation loss of every epoch. Replaced atomically.
+pub fn write_loss_plot(run_dir: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(run_dir.join(METRICS)).unwrap_or_default();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let step = v["step"].as_f64().unwrap_or(0.0);
+        match v["kind"].as_str() {
+            Some("step") => train.extend(v["loss"].as_f64().map(|l| (step, l))),
+            Some("epoch") => val.extend(v["val_loss"].as_f64().map(|l| (step, l))),
+            _ => {}
+        }
+    }
+    let series = [
+        crate::io::plot::Series {
+            name: "train",
+            points: train,
+            color: [70, 110, 200],
+            markers: false,
+        },
+        crate::io::plot::Series {
+            name: "val",
+            points: val,
+            color: [230, 120, 20],
+            markers: true,
+        },
+    ];
+    let img = crate::io::plot::plot(&series, 800, 480, "step", "loss");
+    let path = run_dir.join(LOSS_PLOT);
+    let tmp = run_dir.join(".loss.png.tmp");
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// A line for the person watching: above the progress bar, or on stderr when there is none.
@@ -447,12 +487,15 @@ pub fn train(
                 ),
             );
             last_checkpoint = Some(save(&mut state, &optimizer, &ema, is_best)?);
+            metrics.flush()?;
+            write_loss_plot(&opts.out)?;
         } else if state.step >= stop_at {
             last_checkpoint = Some(save(&mut state, &optimizer, &ema, false)?);
         }
     }
     bar.finish_and_clear();
     metrics.flush()?;
+    write_loss_plot(&opts.out)?;
     let last_checkpoint = match last_checkpoint {
         Some(p) => p,
         None => checkpoint::resolve(&opts.out, checkpoint::LAST)?.0,
