@@ -43,8 +43,8 @@ enum Command {
     TrainVae(TrainArgs),
     /// Stage 2: train the U-Net and the text head on the latents of a trained VAE.
     TrainDiffusion(TrainDiffusionArgs),
-    /// Generate synthetic radiographs from text prompts (issue #5).
-    Generate(PendingArgs),
+    /// Generate synthetic radiographs from a text prompt.
+    Generate(GenerateArgs),
     /// Evaluate generated images against the test split (not yet filed).
     Eval(PendingArgs),
     /// Print the resolved config and the parameter count of each network.
@@ -154,6 +154,61 @@ struct TrainDiffusionArgs {
 }
 
 #[derive(Args)]
+struct GenerateArgs {
+    /// A train-diffusion run folder (its best checkpoint, else its last) or checkpoint folder.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// What to generate, e.g. "Large right pleural effusion."
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Steer away from this text (it replaces the empty prompt of the unconditional branch).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Allow an empty --prompt: sample from the unconditional model.
+    #[arg(long)]
+    unconditional: bool,
+    /// Number of images; image i uses seed + i.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
+    sampler: SamplerArg,
+    /// DDIM's η: 0 is deterministic.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Classifier-free guidance scale; 1 is no guidance.
+    #[arg(long, default_value_t = 3.0)]
+    guidance_scale: f64,
+    /// Images sampled together (no effect on the images themselves).
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// The folder to write the images to.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Bits per pixel of the PNGs.
+    #[arg(long, default_value_t = 8)]
+    bits: u8,
+    /// Sample with the raw weights instead of their EMA.
+    #[arg(long)]
+    no_ema: bool,
+    /// One JSON object per image on stdout (path, prompt, seed, sampler, steps, guidance).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SamplerArg {
+    Ddim,
+    #[value(name = "dpmpp-2m")]
+    DpmPp2m,
+    Ddpm,
+}
+
+#[derive(Args)]
 struct PendingArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     args: Vec<String>,
@@ -180,8 +235,36 @@ pub fn run() -> Result<ExitCode> {
             )?;
             report_training(&summary)
         }
-        Command::Generate(_) => not_implemented("generate", "#5"),
+        Command::Generate(args) => crate::generate::run(&generate_request(args)),
         Command::Eval(_) => not_implemented("eval", "a later issue"),
+    }
+}
+
+fn generate_request(a: GenerateArgs) -> crate::generate::Request {
+    use crate::diffusion::SamplerKind;
+    crate::generate::Request {
+        checkpoint: a.checkpoint,
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        unconditional: a.unconditional,
+        n: a.n,
+        seed: a.seed,
+        sampler: crate::diffusion::SamplerOptions {
+            kind: match a.sampler {
+                SamplerArg::Ddim => SamplerKind::Ddim,
+                SamplerArg::DpmPp2m => SamplerKind::DpmPp2m,
+                SamplerArg::Ddpm => SamplerKind::Ddpm,
+            },
+            steps: a.steps,
+            eta: a.eta,
+        },
+        guidance: a.guidance_scale,
+        batch_size: a.batch_size,
+        out: a.out,
+        bits: a.bits,
+        ema: !a.no_ema,
+        json: a.json,
+        progress: std::io::stderr().is_terminal(),
     }
 }
 

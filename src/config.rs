@@ -238,6 +238,20 @@ pub struct DiffusionTrainConfig {
     /// Probability, per sample, of replacing the report by the empty text (classifier-free guidance).
     pub null_text_prob: f64,
     pub ema_decay: f64,
+    pub samples: SampleGridConfig,
+}
+
+/// A PNG grid sampled from fixed prompts and seeds with the EMA weights during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleGridConfig {
+    /// Every this many epochs; 0: never.
+    pub every: usize,
+    pub prompts: Vec<String>,
+    /// Images per prompt (seeds 0, 1, ...).
+    pub per_prompt: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
 }
 
 impl Config {
@@ -461,6 +475,22 @@ impl Config {
             0.0,
             1.0,
         )?;
+        let g = &self.train_diffusion.samples;
+        if g.every > 0 {
+            if g.prompts.is_empty() {
+                bail!("train_diffusion.samples.prompts is empty: give prompts, or set samples.every to 0");
+            }
+            positive("train_diffusion.samples.per_prompt", g.per_prompt)?;
+            positive("train_diffusion.samples.steps", g.steps)?;
+            if g.steps > self.diffusion.timesteps {
+                bail!(
+                    "train_diffusion.samples.steps = {} exceeds diffusion.timesteps = {}",
+                    g.steps,
+                    self.diffusion.timesteps
+                );
+            }
+            non_negative("train_diffusion.samples.guidance_scale", g.guidance_scale)?;
+        }
         let ema = self.train_diffusion.ema_decay;
         if !(0.0..1.0).contains(&ema) {
             bail!("train_diffusion.ema_decay = {ema} must be in [0, 1)");

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod diffusion;
+pub mod generate;
 pub mod interrupt;
 pub mod io;
 pub mod model;

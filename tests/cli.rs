@@ -84,14 +84,12 @@ fn config_errors_name_the_file_and_the_key() {
 }
 
 #[test]
-fn unfinished_subcommands_say_so_and_exit_3() {
-    for cmd in ["generate", "eval"] {
-        let out = cxrgen(&[cmd, "--config", "tiny"]);
-        assert_eq!(out.status.code(), Some(3), "{cmd}");
-        assert!(out.stdout.is_empty(), "{cmd}: no fake output");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("not implemented yet"), "{cmd}: {err}");
-    }
+fn unfinished_subcommand_says_so_and_exits_3() {
+    let out = cxrgen(&["eval", "--config", "tiny"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(out.stdout.is_empty(), "no fake output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not implemented yet"), "{err}");
 }
 
 #[test]

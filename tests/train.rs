@@ -6,6 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{cxrgen, ok};
 use std::sync::OnceLock;
 
 use candle_core::Device;
@@ -16,22 +18,6 @@ use cxrgen::model::{seeded_var_builder, Vae};
 use cxrgen::rng::Rng;
 use cxrgen::train::stages::VaeObjective;
 use cxrgen::train::trainer::{accumulate, named_params};
-
-fn cxrgen(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cxrgen"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cxrgen-train-{}-{name}", std::process::id()));

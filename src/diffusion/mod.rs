@@ -1,5 +1,8 @@
-//! The diffusion process: noise schedules (samplers come with issue #5).
+//! The diffusion process: noise schedules, samplers, and classifier-free guidance.
 
+pub mod pipeline;
+pub mod samplers;
 pub mod schedule;
 
+pub use samplers::{sample, Denoiser, ImageNoise, SamplerKind, SamplerOptions};
 pub use schedule::NoiseSchedule;

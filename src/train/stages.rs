@@ -1,6 +1,7 @@
 //! The two training stages (`cxrgen train-vae`, `cxrgen train-diffusion`): what each trains, what
 //! its checkpoints carry, and how a run folder is started or resumed.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +15,8 @@ use super::trainer::{self, CheckpointExtras, Loss, Objective, TrainOptions, Trai
 use crate::config::{Config, OptimizerConfig, RunConfig};
 use crate::data::cache::Cache;
 use crate::data::split::Split;
-use crate::diffusion::NoiseSchedule;
+use crate::diffusion::pipeline::Parts;
+use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
 use crate::model::{seeded_var_builder, TextEncoder, TextHead, UNet, Vae};
 use crate::rng::Rng;
@@ -353,6 +355,8 @@ impl TrainedVae {
 }
 
 struct DiffusionObjective {
+    config: Config,
+    vae: Vae,
     unet: UNet,
     head: TextHead,
     text: TextEncoder,
@@ -434,6 +438,65 @@ impl Objective for DiffusionObjective {
         backward_with(loss, self.checkpoint.as_ref())
     }
 
+    fn after_epoch(
+        &self,
+        epoch: usize,
+        weights: &HashMap<String, Tensor>,
+        run_dir: &Path,
+    ) -> Result<()> {
+        let g = &self.config.train_diffusion.samples;
+        if g.every == 0 || !epoch.is_multiple_of(g.every) {
+            return Ok(());
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(
+            weights.clone(),
+            candle_core::DType::F32,
+            &self.device,
+        );
+        let cfg = &self.config;
+        let unet = UNet::new(
+            &cfg.unet,
+            cfg.vae.latent_channels,
+            cfg.text.context_dim,
+            vb.pp("unet"),
+        )?;
+        let head = TextHead::new(
+            self.text.hidden_size(),
+            cfg.text.context_dim,
+            vb.pp("text_head"),
+        )?;
+        let parts = Parts {
+            config: cfg,
+            unet: &unet,
+            head: &head,
+            text: &self.text,
+            vae: &self.vae,
+            latent_scale: self.latent_scale,
+            device: &self.device,
+        };
+        let opts = SamplerOptions {
+            kind: SamplerKind::Ddim,
+            steps: g.steps,
+            eta: 0.0,
+        };
+        let seeds: Vec<u64> = (0..g.per_prompt as u64).collect();
+        let size = cfg.data.image_size as u32;
+        let mut tiles = Vec::new();
+        for prompt in &g.prompts {
+            for img in parts.generate(prompt, "", &seeds, &opts, g.guidance_scale, &mut |_| {})? {
+                let px = img.iter().map(|v| (v * 255.0).round() as u8).collect();
+                tiles.push(image::GrayImage::from_raw(size, size, px).expect("size² pixels"));
+            }
+        }
+        let dir = run_dir.join("samples");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("epoch-{epoch:04}.png"));
+        crate::io::grid::tile(&tiles, g.per_prompt, size.max(64), 2)?
+            .save(&path)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
     fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
         Ok(CheckpointExtras {
             files: vec![(VAE_FILE.to_string(), self.vae_bytes.clone())],
@@ -496,6 +559,8 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
     unet.set_checkpointing(checkpoint.clone());
     let (mean, logvar) = encode_all(&vae.vae, &cache, &req.device, req.progress)?;
     let objective = DiffusionObjective {
+        config: cfg.clone(),
+        vae: vae.vae,
         unet,
         head,
         text,

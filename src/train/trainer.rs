@@ -3,6 +3,7 @@
 //! schedule, EMA, validation every epoch, checkpoints, exact resume, and non-finite losses skipped
 //! and counted.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -42,6 +43,16 @@ pub trait Objective {
     /// Gradients of `loss`, including those of gradient-checkpointed segments.
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         Ok(loss.backward()?)
+    }
+    /// Called after each epoch (numbered from 1) with the weights to show: the EMA ones if the
+    /// run keeps an EMA. Sample grids are drawn here.
+    fn after_epoch(
+        &self,
+        _epoch: usize,
+        _weights: &HashMap<String, Tensor>,
+        _run_dir: &Path,
+    ) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -489,6 +500,14 @@ pub fn train(
             last_checkpoint = Some(save(&mut state, &optimizer, &ema, is_best)?);
             metrics.flush()?;
             write_loss_plot(&opts.out)?;
+            let shown = match &ema {
+                Some(e) => e.tensors(),
+                None => params
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    .collect(),
+            };
+            objective.after_epoch(state.epoch, &shown, &opts.out)?;
         } else if state.step >= stop_at {
             last_checkpoint = Some(save(&mut state, &optimizer, &ema, false)?);
         }

@@ -50,3 +50,21 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Runs the cxrgen binary of this build.
+pub fn cxrgen(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cxrgen"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `out`, after checking that the command succeeded (its stderr otherwise).
+pub fn ok(out: std::process::Output) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
