@@ -4,5 +4,5 @@ pub mod pipeline;
 pub mod samplers;
 pub mod schedule;
 
-pub use samplers::{sample, Denoiser, ImageNoise, SamplerKind, SamplerOptions};
+pub use samplers::{sample, ClampX0, Denoiser, ImageNoise, SamplerKind, SamplerOptions};
 pub use schedule::NoiseSchedule;

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
-use super::samplers::{sample, Denoiser, ImageNoise, SamplerOptions};
+use super::samplers::{sample, ClampX0, Denoiser, ImageNoise, SamplerOptions};
 use super::schedule::NoiseSchedule;
 use crate::config::Config;
 use crate::model::attention::padding_bias;
@@ -24,6 +24,7 @@ pub struct Pipeline {
     text: TextEncoder,
     vae: Vae,
     latent_scale: f64,
+    latent_range: Option<(f64, f64)>,
     device: Device,
     /// SHA-256 of the weights file sampled from (for the images' metadata).
     pub weights_sha256: String,
@@ -40,6 +41,8 @@ pub struct Parts<'a> {
     pub text: &'a TextEncoder,
     pub vae: &'a Vae,
     pub latent_scale: f64,
+    /// Clean estimates are clipped to this range during sampling (None: no clipping).
+    pub latent_range: Option<(f64, f64)>,
     pub device: &'a Device,
 }
 
@@ -59,7 +62,7 @@ impl Parts<'_> {
         let (hidden, mask) = self.text.encode(&[prompt, negative], self.device)?;
         let context = self.head.forward(&hidden)?;
         let bias = padding_bias(&mask)?;
-        let mut denoiser = Guided {
+        let mut guided = Guided {
             unet: self.unet,
             context,
             bias,
@@ -69,8 +72,23 @@ impl Parts<'_> {
         let z = self.config.latent_size();
         let mut noise = ImageNoise::new(seeds, (c, z, z), self.device);
         let schedule = NoiseSchedule::new(&self.config.diffusion);
-        let latents = sample(&mut denoiser, &schedule, opts, &mut noise, on_step)?;
-        let images = self.vae.decode(&(latents / self.latent_scale)?)?;
+        let latents = match self.latent_range {
+            Some((lo, hi)) => {
+                let mut clamped = ClampX0 {
+                    inner: guided,
+                    alphas_cumprod: &schedule.alphas_cumprod,
+                    range: (lo as f32, hi as f32),
+                };
+                sample(&mut clamped, &schedule, opts, &mut noise, on_step)?
+            }
+            None => sample(&mut guided, &schedule, opts, &mut noise, on_step)?,
+        };
+        // One image at a time, for the same reason as the denoiser.
+        let latents = (latents / self.latent_scale)?;
+        let decoded = (0..seeds.len())
+            .map(|i| self.vae.decode(&latents.narrow(0, i, 1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let images = Tensor::cat(&decoded, 0)?;
         let images = ((images.clamp(-1f32, 1f32)? + 1.0)? * 0.5)?.to_dtype(DType::F32)?;
         (0..seeds.len())
             .map(|i| Ok(images.get(i)?.flatten_all()?.to_vec1::<f32>()?))
@@ -90,37 +108,33 @@ struct Guided<'a> {
 }
 
 impl Guided<'_> {
-    /// Row `k` of `t` repeated `b` times.
-    fn rows(t: &Tensor, k: usize, b: usize) -> candle_core::Result<Tensor> {
-        let row = t.narrow(0, k, 1)?;
-        let mut dims = row.dims().to_vec();
-        dims[0] = b;
-        row.broadcast_as(dims)?.contiguous()
+    /// ε̂ for one image `x` [1, C, h, w]: its conditional and unconditional passes as a batch of 2.
+    fn eps_one(&self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
+        if self.guidance == 1.0 {
+            let ts = Tensor::full(t as f32, 1, x.device())?;
+            let (ctx, bias) = (self.context.narrow(0, 0, 1)?, self.bias.narrow(0, 0, 1)?);
+            return self.unet.forward(x, &ts, &ctx, Some(&bias));
+        }
+        let ts = Tensor::full(t as f32, 2, x.device())?;
+        let eps = self.unet.forward(
+            &Tensor::cat(&[x, x], 0)?,
+            &ts,
+            &self.context,
+            Some(&self.bias),
+        )?;
+        let (c, u) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
+        &u + ((c - &u)? * self.guidance)?
     }
 }
 
 impl Denoiser for Guided<'_> {
+    /// Each image gets its own forward pass: matrix products on the CPU can round differently
+    /// when more rows share them, and an image must not depend on the batch it is in.
     fn eps(&mut self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
-        let b = x.dim(0)?;
-        let cond = (
-            Self::rows(&self.context, 0, b)?,
-            Self::rows(&self.bias, 0, b)?,
-        );
-        if self.guidance == 1.0 {
-            let ts = Tensor::full(t as f32, b, x.device())?;
-            return self.unet.forward(x, &ts, &cond.0, Some(&cond.1));
-        }
-        let uncond = (
-            Self::rows(&self.context, 1, b)?,
-            Self::rows(&self.bias, 1, b)?,
-        );
-        let x2 = Tensor::cat(&[x, x], 0)?;
-        let ts = Tensor::full(t as f32, 2 * b, x.device())?;
-        let ctx = Tensor::cat(&[&cond.0, &uncond.0], 0)?;
-        let bias = Tensor::cat(&[&cond.1, &uncond.1], 0)?;
-        let eps = self.unet.forward(&x2, &ts, &ctx, Some(&bias))?;
-        let (c, u) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
-        &u + ((c - &u)? * self.guidance)?
+        let parts = (0..x.dim(0)?)
+            .map(|i| self.eps_one(&x.narrow(0, i, 1)?, t))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
     }
 }
 
@@ -176,6 +190,7 @@ impl Pipeline {
             text,
             vae: vae.vae,
             latent_scale: vae.latent_scale,
+            latent_range: vae.latent_range,
             device: device.clone(),
             weights_sha256,
             source: dir,
@@ -195,6 +210,7 @@ impl Pipeline {
             text: &self.text,
             vae: &self.vae,
             latent_scale: self.latent_scale,
+            latent_range: self.latent_range,
             device: &self.device,
         }
     }

@@ -115,6 +115,27 @@ pub trait Denoiser {
     fn eps(&mut self, x: &Tensor, t: usize) -> Result<Tensor>;
 }
 
+/// Clips the clean sample a denoiser implies to a range and returns the noise that matches the
+/// clipped sample: x̂0 = clamp((x − √(1−ᾱ) ε̂)/√ᾱ), ε' = (x − √ᾱ x̂0)/√(1−ᾱ). DDPM clips x̂0 to
+/// the data range [−1, 1] (Ho et al. 2020); for latents the range is that of the training latents.
+/// At high noise levels an imperfect ε̂ implies a wildly wrong x̂0, and deterministic samplers
+/// then drift far off the data; the clip keeps them on it.
+pub struct ClampX0<'a, D: Denoiser> {
+    pub inner: D,
+    pub alphas_cumprod: &'a [f64],
+    pub range: (f32, f32),
+}
+
+impl<D: Denoiser> Denoiser for ClampX0<'_, D> {
+    fn eps(&mut self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let eps = self.inner.eps(x, t)?;
+        let a = self.alphas_cumprod[t];
+        let x0 =
+            ((x - (eps * (1.0 - a).sqrt())?)? / a.sqrt())?.clamp(self.range.0, self.range.1)?;
+        (x - (x0 * a.sqrt())?)? / (1.0 - a).sqrt()
+    }
+}
+
 /// Gaussian noise for a batch, image i drawn from its own generator.
 pub struct ImageNoise {
     rngs: Vec<Rng>,
@@ -299,6 +320,30 @@ mod tests {
             let err = (x - &target)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 1e-3, "{}: {err}", kind.name());
         }
+        Ok(())
+    }
+
+    #[test]
+    fn clamp_x0_returns_the_noise_of_the_clipped_sample() -> Result<()> {
+        let schedule = paper_schedule();
+        let dev = Device::Cpu;
+        // The oracle for data 3.0 implies x̂0 = 3; clipped to [−1, 1] it must imply x̂0 = 1.
+        let target = Tensor::new(&[3f32], &dev)?.reshape((1, 1, 1, 1))?;
+        let mut clamped = ClampX0 {
+            inner: Oracle {
+                target: target.clone(),
+                ac: schedule.alphas_cumprod.clone(),
+            },
+            alphas_cumprod: &schedule.alphas_cumprod,
+            range: (-1.0, 1.0),
+        };
+        let x = Tensor::new(&[0.7f32], &dev)?.reshape((1, 1, 1, 1))?;
+        let t = 300;
+        let eps = clamped.eps(&x, t)?;
+        let a = schedule.alphas_cumprod[t];
+        let x0 = ((&x - (eps * (1.0 - a).sqrt())?)? / a.sqrt())?;
+        let v = x0.flatten_all()?.to_vec1::<f32>()?[0];
+        assert!((v - 1.0).abs() < 1e-4, "{v}");
         Ok(())
     }
 

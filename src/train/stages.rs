@@ -172,29 +172,29 @@ impl<'a> VaeObjective<'a> {
         }
     }
 
-    /// 1 / std of latents sampled from the posteriors of up to 256 training images: the scale
-    /// that gives the diffusion model unit-variance inputs (Rombach et al. 2022, §4.3.2).
-    fn latent_scale(&self) -> Result<f64> {
+    /// Statistics of latents sampled from the posteriors of up to 256 training images: the scale
+    /// 1 / std that gives the diffusion model unit-variance inputs (Rombach et al. 2022, §4.3.2),
+    /// and the range of the scaled latents, to which samplers clip their clean estimates.
+    fn latent_stats(&self) -> Result<serde_json::Value> {
         let mut rng = Rng::new(0x5ca1e);
         let (mut sum, mut sq, mut n) = (0f64, 0f64, 0f64);
+        let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+        let f64_of = |t: Tensor| -> Result<f64> {
+            Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+        };
         for chunk in self.scale_indices.chunks(16) {
             let post = self.vae.encode(&self.cache.images(chunk, &self.device)?)?;
             let z = post
                 .sample(&rng.randn(post.mean.shape(), &self.device)?)?
                 .detach();
-            sum += z
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-            sq += z
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
+            sum += f64_of(z.sum_all()?)?;
+            sq += f64_of(z.sqr()?.sum_all()?)?;
+            lo = lo.min(f64_of(z.min_all()?)?);
+            hi = hi.max(f64_of(z.max_all()?)?);
             n += z.elem_count() as f64;
         }
-        let var = sq / n - (sum / n).powi(2);
-        Ok(1.0 / var.max(1e-12).sqrt())
+        let scale = 1.0 / (sq / n - (sum / n).powi(2)).max(1e-12).sqrt();
+        Ok(json!({ "latent_scale": scale, "latent_range": [lo * scale, hi * scale] }))
     }
 }
 
@@ -215,7 +215,7 @@ impl Objective for VaeObjective<'_> {
     fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
         Ok(CheckpointExtras {
             files: vec![],
-            meta: json!({ "latent_scale": self.latent_scale()? }),
+            meta: self.latent_stats()?,
         })
     }
 
@@ -292,6 +292,8 @@ fn fit(
 pub struct TrainedVae {
     pub vae: Vae,
     pub latent_scale: f64,
+    /// Range of the scaled training latents, if the checkpoint records it.
+    pub latent_range: Option<(f64, f64)>,
     /// The weights file as bytes, to be carried by diffusion checkpoints.
     pub bytes: Vec<u8>,
     pub source: PathBuf,
@@ -339,6 +341,9 @@ impl TrainedVae {
         let latent_scale = state.extra["latent_scale"]
             .as_f64()
             .with_context(|| format!("the checkpoint of {} has no latent_scale", path.display()))?;
+        let latent_range = state.extra["latent_range"]
+            .as_array()
+            .and_then(|r| Some((r.first()?.as_f64()?, r.get(1)?.as_f64()?)));
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
@@ -348,6 +353,7 @@ impl TrainedVae {
         Ok(Self {
             vae,
             latent_scale,
+            latent_range,
             bytes,
             source,
         })
@@ -365,6 +371,7 @@ struct DiffusionObjective {
     mean: Tensor,
     logvar: Tensor,
     latent_scale: f64,
+    latent_range: Option<(f64, f64)>,
     texts: Vec<String>,
     null_text_prob: f64,
     device: Device,
@@ -472,6 +479,7 @@ impl Objective for DiffusionObjective {
             text: &self.text,
             vae: &self.vae,
             latent_scale: self.latent_scale,
+            latent_range: self.latent_range,
             device: &self.device,
         };
         let opts = SamplerOptions {
@@ -500,7 +508,11 @@ impl Objective for DiffusionObjective {
     fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
         Ok(CheckpointExtras {
             files: vec![(VAE_FILE.to_string(), self.vae_bytes.clone())],
-            meta: json!({ "latent_scale": self.latent_scale, "vae_source": self.vae_source }),
+            meta: json!({
+                "latent_scale": self.latent_scale,
+                "latent_range": self.latent_range.map(|(lo, hi)| [lo, hi]),
+                "vae_source": self.vae_source,
+            }),
         })
     }
 }
@@ -568,6 +580,7 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
         mean,
         logvar,
         latent_scale: vae.latent_scale,
+        latent_range: vae.latent_range,
         texts: cache.records.iter().map(|r| r.text.clone()).collect(),
         null_text_prob: cfg.train_diffusion.null_text_prob,
         device: req.device.clone(),
