@@ -85,6 +85,23 @@ fn train_vae(out: &Path, extra: &[&str]) -> Output {
     cxrgen(&args)
 }
 
+fn train_diffusion(config: &str, vae: &Path, out: &Path, steps: u64) -> Output {
+    let steps = steps.to_string();
+    cxrgen(&[
+        "train-diffusion",
+        "--config",
+        config,
+        "--data",
+        cache().to_str().unwrap(),
+        "--vae",
+        vae.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        &steps,
+    ])
+}
+
 #[test]
 fn vae_and_diffusion_losses_fall_by_half() {
     let vae = tmp("vae-loss");
@@ -102,19 +119,7 @@ fn vae_and_diffusion_losses_fall_by_half() {
     );
 
     let diff = tmp("diffusion-loss");
-    ok(cxrgen(&[
-        "train-diffusion",
-        "--config",
-        "tiny",
-        "--data",
-        cache().to_str().unwrap(),
-        "--vae",
-        vae.to_str().unwrap(),
-        "--out",
-        diff.to_str().unwrap(),
-        "--max-steps",
-        "100",
-    ]));
+    ok(train_diffusion("tiny", &vae, &diff, 100));
     let loss = metric_series(&diff, "loss");
     let (first, last) = (mean(&loss[..5]), mean(&loss[90..]));
     assert!(last <= 0.5 * first, "diffusion loss {first:.4} → {last:.4}");
@@ -273,19 +278,7 @@ fn gradient_checkpointing_lowers_peak_memory() {
         )
         .unwrap();
         let run = dir.join("run");
-        let out = ok(cxrgen(&[
-            "train-diffusion",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--data",
-            cache().to_str().unwrap(),
-            "--vae",
-            vae.to_str().unwrap(),
-            "--out",
-            run.to_str().unwrap(),
-            "--max-steps",
-            "4",
-        ]));
+        let out = ok(train_diffusion(cfg.to_str().unwrap(), &vae, &run, 4));
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("peak RSS"),
             "the run prints its peak memory"
