@@ -16,6 +16,7 @@ use crate::data::{
     self,
     prepare::{PrepareOptions, Source},
 };
+use crate::device::DeviceChoice;
 use crate::model::param_counts;
 
 pub const EXIT_NOT_IMPLEMENTED: u8 = 3;
@@ -57,9 +58,13 @@ struct InfoArgs {
     #[arg(long, default_value = "paper")]
     config: String,
     /// One JSON object on stdout: {config, vae_params, unet_params, text_trainable_params,
-    /// text_frozen_params, latent_shape}.
+    /// text_frozen_params, latent_shape, device}.
     #[arg(long)]
     json: bool,
+    /// Where the networks run: cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a
+    /// GPU answers, else the CPU).
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    device: DeviceChoice,
 }
 
 #[derive(Args)]
@@ -142,6 +147,10 @@ struct TrainArgs {
     /// Stop after this many optimizer steps in all (the schedule still spans the configured epochs).
     #[arg(long, value_name = "N")]
     max_steps: Option<u64>,
+    /// Where the networks run: cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a
+    /// GPU answers, else the CPU).
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    device: DeviceChoice,
 }
 
 #[derive(Args)]
@@ -155,6 +164,10 @@ struct TrainDiffusionArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
+    /// Where the networks run: cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a
+    /// GPU answers, else the CPU).
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    device: DeviceChoice,
     /// A train-diffusion run folder (its best checkpoint, else its last) or checkpoint folder.
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
@@ -225,12 +238,12 @@ pub fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::TrainVae(args) => {
-            let summary = crate::train::stages::train_vae(&train_request(&args))?;
+            let summary = crate::train::stages::train_vae(&train_request(&args)?)?;
             report_training(&summary)
         }
         Command::TrainDiffusion(args) => {
             let summary = crate::train::stages::train_diffusion(
-                &train_request(&args.common),
+                &train_request(&args.common)?,
                 args.vae.as_deref(),
             )?;
             report_training(&summary)
@@ -265,19 +278,21 @@ fn generate_request(a: GenerateArgs) -> crate::generate::Request {
         ema: !a.no_ema,
         json: a.json,
         progress: std::io::stderr().is_terminal(),
+        device: a.device,
     }
 }
 
-fn train_request(args: &TrainArgs) -> crate::train::stages::RunRequest {
-    crate::train::stages::RunRequest {
+fn train_request(args: &TrainArgs) -> Result<crate::train::stages::RunRequest> {
+    Ok(crate::train::stages::RunRequest {
         config: args.config.clone(),
         data: args.data.clone(),
         out: args.out.clone(),
         resume: args.resume.clone(),
         max_steps: args.max_steps,
-        device: candle_core::Device::Cpu,
+        device: crate::device::open(args.device)?,
+        precision: None,
         progress: std::io::stderr().is_terminal(),
-    }
+    })
 }
 
 fn report_training(s: &crate::train::trainer::TrainSummary) -> Result<ExitCode> {
@@ -361,6 +376,7 @@ fn phantom(args: &PhantomArgs) -> Result<ExitCode> {
 
 fn info(args: &InfoArgs) -> Result<ExitCode> {
     let cfg = Config::load(&args.config)?;
+    let device = crate::device::name(&crate::device::open(args.device)?);
     let counts = param_counts(&cfg)?;
     let latent = [
         cfg.vae.latent_channels,
@@ -371,6 +387,7 @@ fn info(args: &InfoArgs) -> Result<ExitCode> {
         let mut obj = serde_json::to_value(&counts)?;
         obj["config"] = serde_json::to_value(&cfg)?;
         obj["latent_shape"] = serde_json::to_value(latent)?;
+        obj["device"] = device.into();
         write_stdout(&format!("{obj}\n"))?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -380,7 +397,7 @@ fn info(args: &InfoArgs) -> Result<ExitCode> {
     };
     let mut text = serde_yaml::to_string(&cfg)?;
     text.push_str(&format!(
-        "\nlatent: {}×{}×{} (channels × height × width)\nparameters:\n  vae           {}\n  unet          {}\n  text head     {}\n  text frozen   {}\n",
+        "\ndevice: {device}\nlatent: {}×{}×{} (channels × height × width)\nparameters:\n  vae           {}\n  unet          {}\n  text head     {}\n  text frozen   {}\n",
         latent[0],
         latent[1],
         latent[2],

@@ -187,6 +187,22 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The dtype the networks compute in (master weights stay F32).
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// Whether the loss needs dynamic scaling: F16's 5-bit exponent flushes small gradients.
+    pub fn needs_loss_scaling(self) -> bool {
+        self == Self::F16
+    }
+}
+
 /// How a training stage runs, shared by both stages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use serde_json::json;
 
 use crate::diffusion::pipeline::Pipeline;
@@ -31,6 +30,7 @@ pub struct Request {
     pub ema: bool,
     pub json: bool,
     pub progress: bool,
+    pub device: crate::device::DeviceChoice,
 }
 
 fn validate(req: &Request) -> Result<()> {
@@ -79,7 +79,7 @@ fn prepare_out(req: &Request) -> Result<()> {
 
 pub fn run(req: &Request) -> Result<ExitCode> {
     validate(req)?;
-    let device = Device::Cpu;
+    let device = crate::device::open(req.device)?;
     let pipeline = Pipeline::load(&req.checkpoint, req.ema, &device)?;
     let t_max = pipeline.config.diffusion.timesteps;
     if req.sampler.steps > t_max {

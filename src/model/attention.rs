@@ -3,9 +3,11 @@
 //! the VAE.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{group_norm, linear, linear_no_bias, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::layers::{from_tokens, to_tokens, LayerNorm};
+use super::layers::{
+    from_tokens, group_norm, linear, linear_no_bias, to_tokens, GroupNorm, LayerNorm, Linear,
+};
 use super::resnet::NORM_EPS;
 
 /// Largest attention-score matrix materialised at once, in elements (64 MiB of f32). The VAE's
@@ -43,7 +45,8 @@ pub fn scaled_dot_product(
         } else {
             q.narrow(1, start, len)?
         };
-        let mut scores = (qc.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+        // Scaling q first keeps half-precision products in range.
+        let mut scores = (qc * scale)?.matmul(&kt)?.to_dtype(DType::F32)?;
         if let Some(b) = bias {
             scores = scores.broadcast_add(b)?;
         }

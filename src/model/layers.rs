@@ -1,9 +1,148 @@
-//! Small layers that candle either lacks or provides only in a form that cuts the gradient.
+//! Layers with the parameter names and initialisation of candle-nn's, written so that they train
+//! correctly: gradients that candle's fused kernels would cut are kept, and under mixed precision
+//! normalisation statistics and parameter-gradient sums stay in F32 ([`super::affine`]).
 
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
-/// LayerNorm written with differentiable primitives.
+use super::affine::{add_bias, scale_shift};
+
+/// A 2-D convolution; the weight and the bias are cast to the input's dtype.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: Conv2dConfig,
+}
+
+/// candle-nn's `conv2d`: Kaiming-normal weight, bias uniform in ±1/√fan_in.
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    config: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let inner = candle_nn::conv2d(in_c, out_c, kernel, config, vb)?;
+    Ok(Conv2d {
+        weight: inner.weight().clone(),
+        bias: inner.bias().cloned(),
+        config,
+    })
+}
+
+impl Module for Conv2d {
+    /// [B, C_in, H, W] → [B, C_out, H', W'] in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let y = xs.conv2d(
+            &self.weight.to_dtype(xs.dtype())?,
+            c.padding,
+            c.stride,
+            c.dilation,
+            c.groups,
+        )?;
+        match &self.bias {
+            Some(b) => add_bias(&y, b, 1),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A linear layer; the weight and the bias are cast to the input's dtype.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// candle-nn's `linear`: weight and bias uniform in ±1/√fan_in.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear {
+        weight: inner.weight().clone(),
+        bias: inner.bias().cloned(),
+    })
+}
+
+/// candle-nn's `linear_no_bias`.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear {
+        weight: inner.weight().clone(),
+        bias: None,
+    })
+}
+
+impl Module for Linear {
+    /// [..., in] → [..., out] in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dtype(xs.dtype())?;
+        let dims = xs.dims();
+        let (rows, k) = (xs.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+        let mut out_shape = dims.to_vec();
+        *out_shape.last_mut().expect("rank ≥ 1") = w.dim(0)?;
+        // One 2-D matmul: a broadcast batched matmul is much slower on CPU and CUDA.
+        let y = xs
+            .contiguous()?
+            .reshape((rows, k))?
+            .matmul(&w.t()?)?
+            .reshape(out_shape)?;
+        match &self.bias {
+            Some(b) => add_bias(&y, b, y.rank() - 1),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Group normalisation over [B, C, ...]; statistics in F32 whatever the input's dtype.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+/// candle-nn's `group_norm`: weight 1, bias 0.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    Ok(GroupNorm {
+        weight: vb.get_with_hints(channels, "weight", Init::Const(1.))?,
+        bias: vb.get_with_hints(channels, "bias", Init::Const(0.))?,
+        groups,
+        eps,
+    })
+}
+
+impl Module for GroupNorm {
+    /// [B, C, ...] → [B, C, ...] in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        let (b, c) = (dims[0], dims[1]);
+        if c != self.weight.dim(0)? || c % self.groups != 0 {
+            candle_core::bail!(
+                "GroupNorm of {} channels in {} groups got input {dims:?}",
+                self.weight.dim(0)?,
+                self.groups
+            );
+        }
+        let x = xs.to_dtype(DType::F32)?.reshape((
+            b,
+            self.groups,
+            xs.elem_count() / (b * self.groups),
+        ))?;
+        let centred = x.broadcast_sub(&x.mean_keepdim(2)?)?;
+        let var = centred.sqr()?.mean_keepdim(2)?;
+        let normed = centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape(dims)?
+            .to_dtype(xs.dtype())?;
+        scale_shift(&normed, &self.weight, &self.bias, 1)
+    }
+}
+
+/// LayerNorm written with differentiable primitives, its statistics in F32 whatever the input's
+/// precision.
 ///
 /// `candle_nn::LayerNorm` dispatches to a fused kernel without a backward pass on contiguous input
 /// (see CANDLE-NOTES.md), so a trainable LayerNorm must not use it.
@@ -27,13 +166,14 @@ impl LayerNorm {
 impl Module for LayerNorm {
     /// `xs`: [..., dim] → [..., dim], normalised over the last dimension.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centred = xs.broadcast_sub(&mean)?;
+        let x = xs.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        centred
+        let normed = centred
             .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+            .to_dtype(xs.dtype())?;
+        scale_shift(&normed, &self.weight, &self.bias, xs.rank() - 1)
     }
 }
 
@@ -52,7 +192,7 @@ pub fn from_tokens(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{Device, Var};
     use candle_nn::VarMap;
 
     #[test]

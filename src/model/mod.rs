@@ -1,5 +1,6 @@
 //! The three networks: the VAE, the U-Net and the text encoder, and the layers they share.
 
+pub mod affine;
 pub mod attention;
 pub mod checkpointing;
 pub mod init;

@@ -1,7 +1,9 @@
 //! The residual block shared by the VAE and the U-Net.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use super::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
 
 /// GroupNorm epsilon used throughout (as in LDM/diffusers).
 pub const NORM_EPS: f64 = 1e-6;
@@ -23,7 +25,7 @@ pub struct ResBlockConfig {
 pub struct ResBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Option<candle_nn::Linear>,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,

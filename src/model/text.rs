@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::bert::{BertModel, Config as CandleBertConfig, HiddenAct};
 use serde::Deserialize;
 
 use super::init::seeded_var_builder;
-use super::layers::LayerNorm;
+use super::layers::{linear, LayerNorm, Linear};
 use super::tokenizer::{TextTokenizer, TokenBatch, BUILTIN_VOCAB};
 use crate::config::{RandomBertConfig, TextConfig, TextEncoderSource};
 
@@ -339,6 +339,8 @@ pub struct TextHead {
     norm_in: LayerNorm,
     proj: Linear,
     norm_out: LayerNorm,
+    /// The compute precision: that of the weights it was built from.
+    dtype: DType,
 }
 
 impl TextHead {
@@ -347,6 +349,7 @@ impl TextHead {
             norm_in: LayerNorm::new(hidden, 1e-5, vb.pp("norm_in"))?,
             proj: linear(hidden, context_dim, vb.pp("proj"))?,
             norm_out: LayerNorm::new(context_dim, 1e-5, vb.pp("norm_out"))?,
+            dtype: vb.dtype(),
         })
     }
 
@@ -356,10 +359,12 @@ impl TextHead {
 }
 
 impl Module for TextHead {
-    /// [B, T, H] → [B, T, D]
+    /// [B, T, H] → [B, T, D] in F32, computed in the precision of the weights.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = self.norm_in.forward(&xs.to_dtype(self.dtype)?)?;
         self.norm_out
-            .forward(&self.proj.forward(&self.norm_in.forward(xs)?)?)
+            .forward(&self.proj.forward(&xs)?)?
+            .to_dtype(DType::F32)
     }
 }
 

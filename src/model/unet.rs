@@ -2,12 +2,13 @@
 //! transformer blocks at the configured levels and in the middle, skip connections, epsilon output.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use std::sync::Arc;
 
 use super::attention::SpatialTransformer;
 use super::checkpointing::{self, GradCheckpoint};
+use super::layers::{group_norm, linear, Conv2d, GroupNorm, Linear};
 use super::resnet::{conv3x3, ResBlock, ResBlockConfig, NORM_EPS};
 use crate::config::UnetConfig;
 
@@ -121,6 +122,8 @@ pub struct UNet {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     base_channels: usize,
+    /// The compute precision: that of the weights it was built from.
+    dtype: DType,
     checkpoint: Option<GradCheckpoint>,
 }
 
@@ -214,6 +217,7 @@ impl UNet {
             norm_out: group_norm(cfg.norm_groups, c0, NORM_EPS, vb.pp("norm_out"))?,
             conv_out: conv3x3(c0, latent_channels, 1, vb.pp("conv_out"))?,
             base_channels: c0,
+            dtype: vb.dtype(),
             checkpoint: None,
         })
     }
@@ -222,7 +226,8 @@ impl UNet {
     ///
     /// `xs`: noisy latents [B, C_lat, h, w]; `timesteps`: [B] (one per sample);
     /// `context`: text features [B, M, D]; `bias`: padding bias [B, 1, M] from
-    /// [`super::attention::padding_bias`] → epsilon [B, C_lat, h, w].
+    /// [`super::attention::padding_bias`] → epsilon [B, C_lat, h, w] in F32. Inputs of any float
+    /// type are computed in the precision of the weights.
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -230,7 +235,9 @@ impl UNet {
         context: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let temb = timestep_embedding(timesteps, self.base_channels)?.to_dtype(xs.dtype())?;
+        let xs = &xs.to_dtype(self.dtype)?;
+        let context = &context.to_dtype(self.dtype)?;
+        let temb = timestep_embedding(timesteps, self.base_channels)?.to_dtype(self.dtype)?;
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
@@ -262,7 +269,9 @@ impl UNet {
                 h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out
+            .forward(&self.norm_out.forward(&h)?.silu()?)?
+            .to_dtype(DType::F32)
     }
 }
 

@@ -1,12 +1,13 @@
 //! The 8-channel KL-regularised VAE (paper §3.2.1): 256×256×1 → 32×32×8 and back.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use std::sync::Arc;
 
 use super::attention::SpatialSelfAttention;
 use super::checkpointing::{self, GradCheckpoint};
+use super::layers::{group_norm, Conv2d, GroupNorm};
 use super::resnet::{conv3x3, ResBlock, ResBlockConfig, NORM_EPS};
 use crate::config::VaeConfig;
 
@@ -173,6 +174,8 @@ impl Decoder {
 pub struct Vae {
     pub encoder: Encoder,
     pub decoder: Decoder,
+    /// The compute precision: that of the weights it was built from.
+    dtype: DType,
     checkpoint: Option<GradCheckpoint>,
 }
 
@@ -181,6 +184,7 @@ impl Vae {
         Ok(Self {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            dtype: vb.dtype(),
             checkpoint: None,
         })
     }
@@ -191,13 +195,21 @@ impl Vae {
         self.checkpoint = ckpt;
     }
 
-    /// [B, 1, H, W] → latent Gaussian
+    /// [B, 1, H, W] → latent Gaussian in F32, computed in the precision of the weights.
     pub fn encode(&self, xs: &Tensor) -> Result<DiagonalGaussian> {
-        self.encoder.forward(xs, self.checkpoint.as_ref())
+        let g = self
+            .encoder
+            .forward(&xs.to_dtype(self.dtype)?, self.checkpoint.as_ref())?;
+        Ok(DiagonalGaussian {
+            mean: g.mean.to_dtype(DType::F32)?,
+            logvar: g.logvar.to_dtype(DType::F32)?,
+        })
     }
 
-    /// [B, C_lat, h, w] → [B, 1, H, W]
+    /// [B, C_lat, h, w] → [B, 1, H, W] in F32, computed in the precision of the weights.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.decoder.forward(z, self.checkpoint.as_ref())
+        self.decoder
+            .forward(&z.to_dtype(self.dtype)?, self.checkpoint.as_ref())?
+            .to_dtype(DType::F32)
     }
 }

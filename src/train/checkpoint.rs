@@ -47,6 +47,9 @@ pub struct TrainState {
     pub rng: Rng,
     pub best_val_loss: Option<f64>,
     pub nonfinite_skipped: u64,
+    /// The F16 loss scaler; None when the run computes in F32 or BF16.
+    #[serde(default)]
+    pub loss_scaler: Option<super::scaler::LossScaler>,
     /// Stage data: the VAE's latent scale, the diffusion run's VAE source, ...
     pub extra: serde_json::Value,
     pub config: Config,

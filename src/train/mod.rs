@@ -5,5 +5,6 @@ pub mod checkpoint;
 pub mod ema;
 pub mod losses;
 pub mod optim;
+pub mod scaler;
 pub mod stages;
 pub mod trainer;

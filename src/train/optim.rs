@@ -113,22 +113,33 @@ pub fn learning_rate(cfg: &OptimizerConfig, step: u64, total_steps: u64) -> f64 
 /// Scales `grads` so that their global L2 norm is at most `max_norm` (0: no clipping); returns
 /// the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
+    clip_to(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// The L2 norm of all gradients together (NaN or infinite if any element is).
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
-    for g in grads.iter() {
+    for g in grads {
         total += g
             .sqr()?
             .sum_all()?
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
     }
-    let norm = total.sqrt();
+    Ok(total.sqrt())
+}
+
+/// Scales `grads`, whose global norm is `norm`, down to `max_norm` if above it (0: no clipping).
+pub fn clip_to(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
     if max_norm > 0.0 && norm > max_norm {
         let k = max_norm / (norm + 1e-6);
         for g in grads.iter_mut() {
             *g = (&*g * k)?;
         }
     }
-    Ok(norm)
+    Ok(())
 }
 
 #[cfg(test)]

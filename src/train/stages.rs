@@ -5,14 +5,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
-use candle_nn::VarMap;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 
 use super::checkpoint::{self, TrainState, MODEL};
 use super::losses::{diffusion_loss, vae_loss};
 use super::trainer::{self, CheckpointExtras, Loss, Objective, TrainOptions, TrainSummary, CONFIG};
-use crate::config::{Config, OptimizerConfig, RunConfig};
+use crate::config::{Config, OptimizerConfig, Precision, RunConfig, VaeConfig};
 use crate::data::cache::Cache;
 use crate::data::split::Split;
 use crate::diffusion::pipeline::Parts;
@@ -39,7 +39,43 @@ pub struct RunRequest {
     pub resume: Option<PathBuf>,
     pub max_steps: Option<u64>,
     pub device: Device,
+    /// Overrides the config's compute precision on any device (tests run F16 on the CPU with
+    /// it). None: the config's on CUDA, F32 on the CPU.
+    pub precision: Option<Precision>,
     pub progress: bool,
+}
+
+/// The precision a stage computes in on `req.device` (master weights are always F32).
+fn run_precision(req: &RunRequest, run: &RunConfig, stage: &str) -> Result<Precision> {
+    let p = match req.precision {
+        Some(p) => p,
+        None if req.device.is_cpu() && run.precision != Precision::F32 => {
+            eprintln!(
+                "{stage}.run.precision = {:?} applies on CUDA; the CPU trains in F32",
+                run.precision
+            );
+            Precision::F32
+        }
+        None => run.precision,
+    };
+    if p == Precision::Bf16 && req.device.is_cpu() {
+        bail!("precision bf16 cannot run on the CPU (candle has no BF16 convolution there): use f32, or --device cuda");
+    }
+    Ok(p)
+}
+
+/// The master weights in `varmap` cast to `dtype`, as the VarBuilder a micro-batch builds its
+/// networks from. The casts are part of the graph, so their backward pass hands F32 gradients
+/// to the master weights; in F32 the "casts" are the Vars themselves.
+fn compute_weights(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    VarBuilder::from_tensors(tensors, dtype, device)
 }
 
 /// A run folder, its config and the checkpoint to resume from, if any.
@@ -142,7 +178,10 @@ fn check_cache(cache: &Cache, cfg: &Config) -> Result<()> {
 
 /// Stage 1: reconstruction + KL on cached images.
 pub struct VaeObjective<'a> {
-    vae: Vae,
+    config: VaeConfig,
+    /// The F32 master weights.
+    varmap: VarMap,
+    dtype: DType,
     cache: &'a Cache,
     kl_weight: f64,
     device: Device,
@@ -151,25 +190,46 @@ pub struct VaeObjective<'a> {
 }
 
 impl<'a> VaeObjective<'a> {
-    /// `scale_indices`: the images the latent scale is estimated on (training images);
-    /// `checkpoint`: gradient checkpointing over the VAE's parameters, if wanted.
+    /// Trains the VAE whose weights `varmap` holds, in F32 without gradient checkpointing.
+    /// `scale_indices`: the images the latent scale is estimated on (training images).
     pub fn new(
-        mut vae: Vae,
+        config: &VaeConfig,
+        varmap: &VarMap,
         cache: &'a Cache,
         kl_weight: f64,
         device: Device,
         scale_indices: Vec<usize>,
-        checkpoint: Option<GradCheckpoint>,
     ) -> Self {
-        vae.set_checkpointing(checkpoint.clone());
         Self {
-            vae,
+            config: config.clone(),
+            varmap: varmap.clone(),
+            dtype: DType::F32,
             cache,
             kl_weight,
             device,
             scale_indices,
-            checkpoint,
+            checkpoint: None,
         }
+    }
+
+    /// Computes in `precision` (the master weights stay F32).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.dtype = precision.dtype();
+        self
+    }
+
+    /// Gradient checkpointing over the VAE's parameters (None: none).
+    pub fn with_checkpointing(mut self, checkpoint: Option<GradCheckpoint>) -> Self {
+        self.checkpoint = checkpoint;
+        self
+    }
+
+    /// The VAE on the current weights, computing in `dtype`.
+    fn vae(&self, dtype: DType) -> Result<Vae> {
+        Ok(Vae::new(
+            &self.config,
+            compute_weights(&self.varmap, dtype, &self.device),
+        )?)
     }
 
     /// Statistics of latents sampled from the posteriors of up to 256 training images: the scale
@@ -182,8 +242,9 @@ impl<'a> VaeObjective<'a> {
         let f64_of = |t: Tensor| -> Result<f64> {
             Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
         };
+        let vae = self.vae(DType::F32)?;
         for chunk in self.scale_indices.chunks(16) {
-            let post = self.vae.encode(&self.cache.images(chunk, &self.device)?)?;
+            let post = vae.encode(&self.cache.images(chunk, &self.device)?)?;
             let z = post
                 .sample(&rng.randn(post.mean.shape(), &self.device)?)?
                 .detach();
@@ -205,7 +266,9 @@ impl Objective for VaeObjective<'_> {
 
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
         let images = self.cache.images(indices, &self.device)?;
-        let l = vae_loss(&self.vae, &images, self.kl_weight, rng)?;
+        let mut vae = self.vae(self.dtype)?;
+        vae.set_checkpointing(self.checkpoint.clone());
+        let l = vae_loss(&vae, &images, self.kl_weight, rng)?;
         Ok(Loss {
             total: l.total,
             parts: vec![("recon", l.recon), ("kl", l.kl)],
@@ -229,8 +292,9 @@ pub fn train_vae(req: &RunRequest) -> Result<TrainSummary> {
     let cfg = run.config.clone();
     let cache = Cache::open(&req.data)?;
     check_cache(&cache, &cfg)?;
+    let precision = run_precision(req, &cfg.train_vae.run, "train_vae")?;
     let varmap = VarMap::new();
-    let vae = Vae::new(
+    Vae::new(
         &cfg.vae,
         seeded_var_builder(&varmap, cfg.train_vae.run.seed, &req.device),
     )?;
@@ -240,13 +304,15 @@ pub fn train_vae(req: &RunRequest) -> Result<TrainSummary> {
         .take(SCALE_IMAGES)
         .collect();
     let objective = VaeObjective::new(
-        vae,
+        &cfg.vae,
+        &varmap,
         &cache,
         cfg.train_vae.kl_weight,
         req.device.clone(),
         scale_images,
-        checkpointing_for(&cfg.train_vae.run, &varmap)?,
-    );
+    )
+    .with_precision(precision)
+    .with_checkpointing(checkpointing_for(&cfg.train_vae.run, &varmap)?);
     let t = &cfg.train_vae;
     fit(
         &objective,
@@ -254,7 +320,7 @@ pub fn train_vae(req: &RunRequest) -> Result<TrainSummary> {
         &cache,
         run,
         req,
-        (&t.run, &t.optimizer, None),
+        (&t.run, &t.optimizer, None, precision),
     )
 }
 
@@ -266,7 +332,12 @@ fn fit(
     cache: &Cache,
     run: OpenedRun,
     req: &RunRequest,
-    (run_cfg, optimizer, ema_decay): (&RunConfig, &OptimizerConfig, Option<f64>),
+    (run_cfg, optimizer, ema_decay, precision): (
+        &RunConfig,
+        &OptimizerConfig,
+        Option<f64>,
+        Precision,
+    ),
 ) -> Result<TrainSummary> {
     run.start()?;
     let opts = TrainOptions {
@@ -274,6 +345,7 @@ fn fit(
         run: run_cfg.clone(),
         optimizer: optimizer.clone(),
         ema_decay,
+        precision,
         out: run.dir,
         max_steps: req.max_steps,
         progress: req.progress,
@@ -363,8 +435,9 @@ impl TrainedVae {
 struct DiffusionObjective {
     config: Config,
     vae: Vae,
-    unet: UNet,
-    head: TextHead,
+    /// The F32 master weights of the U-Net (`unet.`) and the text head (`text_head.`).
+    varmap: VarMap,
+    dtype: DType,
     text: TextEncoder,
     schedule: NoiseSchedule,
     /// Posterior of every cached image under the frozen VAE: [N, C, h, w] each.
@@ -398,6 +471,27 @@ fn checkpointing_for(run: &RunConfig, varmap: &VarMap) -> Result<Option<GradChec
     })
 }
 
+impl DiffusionObjective {
+    /// The U-Net and the text head on the current weights, in the run's precision.
+    fn networks(&self) -> Result<(UNet, TextHead)> {
+        let cfg = &self.config;
+        let vb = compute_weights(&self.varmap, self.dtype, &self.device);
+        let mut unet = UNet::new(
+            &cfg.unet,
+            cfg.vae.latent_channels,
+            cfg.text.context_dim,
+            vb.pp("unet"),
+        )?;
+        unet.set_checkpointing(self.checkpoint.clone());
+        let head = TextHead::new(
+            self.text.hidden_size(),
+            cfg.text.context_dim,
+            vb.pp("text_head"),
+        )?;
+        Ok((unet, head))
+    }
+}
+
 impl Objective for DiffusionObjective {
     fn stage(&self) -> &'static str {
         "diffusion"
@@ -425,9 +519,10 @@ impl Objective for DiffusionObjective {
         let std = (self.logvar.index_select(&idx, 0)? * 0.5)?.exp()?;
         let z = ((mean + (std * Tensor::cat(&eps_z, 0)?)?)? * self.latent_scale)?;
         let (hidden, mask) = self.text.encode(&texts, &self.device)?;
+        let (unet, head) = self.networks()?;
         let total = diffusion_loss(
-            &self.unet,
-            &self.head,
+            &unet,
+            &head,
             &self.schedule,
             &z,
             &t,
@@ -557,24 +652,24 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
             bail!("--vae is needed: the train-vae run (or checkpoint) whose latents to learn")
         }
     };
+    let precision = run_precision(req, &cfg.train_diffusion.run, "train_diffusion")?;
     let text = TextEncoder::load(&cfg.text, &req.device)?;
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, cfg.train_diffusion.run.seed, &req.device);
-    let mut unet = UNet::new(
+    UNet::new(
         &cfg.unet,
         cfg.vae.latent_channels,
         cfg.text.context_dim,
         vb.pp("unet"),
     )?;
-    let head = TextHead::new(text.hidden_size(), cfg.text.context_dim, vb.pp("text_head"))?;
+    TextHead::new(text.hidden_size(), cfg.text.context_dim, vb.pp("text_head"))?;
     let checkpoint = checkpointing_for(&cfg.train_diffusion.run, &varmap)?;
-    unet.set_checkpointing(checkpoint.clone());
     let (mean, logvar) = encode_all(&vae.vae, &cache, &req.device, req.progress)?;
     let objective = DiffusionObjective {
         config: cfg.clone(),
         vae: vae.vae,
-        unet,
-        head,
+        varmap: varmap.clone(),
+        dtype: precision.dtype(),
         text,
         schedule: NoiseSchedule::new(&cfg.diffusion),
         mean,
@@ -595,6 +690,6 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
         &cache,
         run,
         req,
-        (&t.run, &t.optimizer, Some(t.ema_decay)),
+        (&t.run, &t.optimizer, Some(t.ema_decay), precision),
     )
 }

@@ -17,13 +17,15 @@ use serde_json::json;
 
 use super::checkpoint::{self, Checkpointer, TrainState, EMA, MODEL, OPTIMIZER};
 use super::ema::Ema;
-use super::optim::{clip_grad_norm, learning_rate, AdamW};
-use crate::config::{Config, OptimizerConfig, RunConfig};
+use super::optim::{clip_to, global_norm, learning_rate, AdamW};
+use super::scaler::LossScaler;
+use crate::config::{Config, OptimizerConfig, Precision, RunConfig};
 use crate::rng::Rng;
 
 pub const METRICS: &str = "metrics.jsonl";
 pub const LOSS_PLOT: &str = "loss.png";
 pub const CONFIG: &str = "config.yaml";
+const NONFINITE_GRADIENTS: &str = "non-finite gradients";
 
 /// A micro-batch's loss: the scalar to minimise and named parts to log.
 pub struct Loss {
@@ -68,6 +70,9 @@ pub struct TrainOptions {
     pub optimizer: OptimizerConfig,
     /// EMA of the weights (diffusion); None for none.
     pub ema_decay: Option<f64>,
+    /// What the objective computes in (it builds its networks in this precision); F16 turns on
+    /// dynamic loss scaling.
+    pub precision: Precision,
     pub out: PathBuf,
     /// Stop after this many optimizer steps in all (smoke tests, benchmarks).
     pub max_steps: Option<u64>,
@@ -96,14 +101,6 @@ pub fn named_params(varmap: &VarMap) -> Vec<(String, Var)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
-}
-
-/// Peak resident memory of this process in MiB (Linux: VmHWM), if known.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
@@ -206,14 +203,17 @@ pub fn validate(
 /// Gradients of the mean loss over `batches` (the mean of the micro-batch gradients) and the mean
 /// of the logged loss parts; None when a loss is not finite.
 ///
-/// Each micro-batch's gradients are detached as they are taken and its gradient store dropped
-/// before the next one, so that memory stays flat however many micro-batches are accumulated.
+/// The backward pass runs on `loss · loss_scale` (1 unless F16 loss scaling is on) and the
+/// gradients are divided by it again. Each micro-batch's gradients are detached as they are taken
+/// and its gradient store dropped before the next one, so that memory stays flat however many
+/// micro-batches are accumulated.
 #[allow(clippy::type_complexity)]
 pub fn accumulate(
     objective: &dyn Objective,
     params: &[(String, Var)],
     batches: &[Vec<usize>],
     rng: &mut Rng,
+    loss_scale: f64,
 ) -> Result<Option<(Vec<Tensor>, Vec<(&'static str, f64)>)>> {
     let k = batches.len() as f64;
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];
@@ -224,7 +224,11 @@ pub fn accumulate(
         if !value.is_finite() {
             return Ok(None);
         }
-        let grads = objective.backward(&loss.total)?;
+        let grads = if loss_scale == 1.0 {
+            objective.backward(&loss.total)?
+        } else {
+            objective.backward(&(&loss.total * loss_scale)?)?
+        };
         for (slot, (_, var)) in acc.iter_mut().zip(params) {
             let g = match grads.get(var.as_tensor()) {
                 Some(g) => g.detach(),
@@ -249,7 +253,7 @@ pub fn accumulate(
     }
     let grads = acc
         .into_iter()
-        .map(|g| Ok((g.expect("one gradient per parameter") / k)?))
+        .map(|g| Ok((g.expect("one gradient per parameter") / (k * loss_scale))?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Some((grads, logged)))
 }
@@ -286,12 +290,12 @@ pub fn train(
     let checkpointer = Checkpointer::new(&opts.out, run.keep_last)?;
     let metrics_path = opts.out.join(METRICS);
 
+    let device = params
+        .first()
+        .map(|(_, v)| v.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
     let mut state = match resume {
         Some((dir, state)) => {
-            let device = params
-                .first()
-                .map(|(_, v)| v.device().clone())
-                .unwrap_or(candle_core::Device::Cpu);
             let model = checkpoint::load_tensors(&dir.join(MODEL), &device)?;
             for (name, var) in &params {
                 let t = model
@@ -320,6 +324,10 @@ pub fn train(
             rng: Rng::new(run.seed ^ 0x6e6f_6973_6521),
             best_val_loss: None,
             nonfinite_skipped: 0,
+            loss_scaler: opts
+                .precision
+                .needs_loss_scaling()
+                .then(LossScaler::default),
             extra: serde_json::Value::Null,
             config: opts.config.clone(),
         },
@@ -383,6 +391,7 @@ pub fn train(
         let mut epoch_rng = state.epoch_rng.clone();
         let order = permutation(train_indices.len(), &mut epoch_rng);
         let epoch_start = Instant::now();
+        crate::device::reset_peak(&device);
         let mut epoch_loss = (0.0, 0usize);
         while state.step_in_epoch < steps_per_epoch && state.step < stop_at {
             if crate::interrupt::requested() {
@@ -404,20 +413,48 @@ pub fn train(
                         .collect()
                 })
                 .collect();
-            let accumulated = accumulate(objective, &params, &batches, &mut state.rng)?;
-            let finite = accumulated.is_some();
-            if !finite {
+            let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
+            let accumulated = accumulate(objective, &params, &batches, &mut state.rng, loss_scale)?;
+            let checked = match accumulated {
+                None => Err("non-finite loss"),
+                Some((grads, logged)) => {
+                    let norm = global_norm(&grads)?;
+                    if norm.is_finite() {
+                        Ok((grads, logged, norm))
+                    } else {
+                        Err(NONFINITE_GRADIENTS)
+                    }
+                }
+            };
+            if let Some(scaler) = state.loss_scaler.as_mut() {
+                match &checked {
+                    Ok(_) => scaler.update(true),
+                    Err(reason) if *reason == NONFINITE_GRADIENTS && scaler.can_back_off() => {
+                        // F16 overflow at this scale: halve it and move on; not a fault.
+                        scaler.update(false);
+                        writeln!(
+                            metrics,
+                            "{}",
+                            json!({"kind": "skip", "step": state.step, "reason": "F16 gradient overflow", "loss_scale": scaler.scale})
+                        )?;
+                        state.step_in_epoch += 1;
+                        continue;
+                    }
+                    Err(_) => {}
+                }
+            }
+            if let Err(reason) = checked {
                 state.nonfinite_skipped += 1;
                 consecutive_bad += 1;
                 writeln!(
                     metrics,
                     "{}",
-                    json!({"kind": "skip", "step": state.step, "reason": "non-finite loss"})
+                    json!({"kind": "skip", "step": state.step, "reason": reason})
                 )?;
                 say(
                     &bar,
                     &format!(
-                        "step {}: non-finite loss, step skipped ({} in a row)",
+                        "step {}: {reason}, step skipped ({} in a row)",
                         state.step, consecutive_bad
                     ),
                 );
@@ -436,8 +473,8 @@ pub fn train(
                 continue;
             }
             consecutive_bad = 0;
-            let (mut grads, logged) = accumulated.expect("finite");
-            let grad_norm = clip_grad_norm(&mut grads, opts.optimizer.grad_clip)?;
+            let (mut grads, logged, grad_norm) = checked.expect("finite");
+            clip_to(&mut grads, grad_norm, opts.optimizer.grad_clip)?;
             let lr = learning_rate(&opts.optimizer, state.step, total_steps);
             optimizer.step(&grads, lr)?;
             if let Some(ema) = ema.as_mut() {
@@ -454,6 +491,9 @@ pub fn train(
             });
             for (name, v) in &logged {
                 line[*name] = json!(v);
+            }
+            if let Some(s) = &state.loss_scaler {
+                line["loss_scale"] = json!(s.scale);
             }
             writeln!(metrics, "{line}")?;
             bar.set_position(state.step);
@@ -478,23 +518,26 @@ pub fn train(
             state.epoch += 1;
             state.step_in_epoch = 0;
             state.epoch_rng = epoch_rng;
+            let peak = crate::device::peak_memory_mib(&device);
             writeln!(
                 metrics,
                 "{}",
                 json!({
                     "kind": "epoch", "epoch": state.epoch, "step": state.step,
                     "train_loss": epoch_loss.0 / epoch_loss.1.max(1) as f64, "val_loss": val,
-                    "seconds": epoch_start.elapsed().as_secs_f64(), "peak_rss_mib": peak_rss_mib(),
+                    "seconds": epoch_start.elapsed().as_secs_f64(), "peak_rss_mib": crate::device::peak_rss_mib(),
+                    "peak_device_mib": if device.is_cuda() { peak } else { None },
                 })
             )?;
             say(
                 &bar,
                 &format!(
-                    "epoch {}: train {:.5}, val {}, peak RSS {}",
+                    "epoch {}: train {:.5}, val {}, {} {}",
                     state.epoch,
                     epoch_loss.0 / epoch_loss.1.max(1) as f64,
                     val.map_or("n/a".into(), |v| format!("{v:.5}")),
-                    peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB"))
+                    crate::device::peak_memory_label(&device),
+                    peak.map_or("n/a".into(), |m| format!("{m:.0} MiB"))
                 ),
             );
             last_checkpoint = Some(save(&mut state, &optimizer, &ema, is_best)?);

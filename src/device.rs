@@ -1,0 +1,219 @@
+//! Where the networks run (`--device cpu|cuda|cuda:N|auto`) and how much memory they took.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+
+/// A `--device` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when this binary was built with CUDA and a GPU answers; the CPU otherwise.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("'{s}' is not a device: use cpu, cuda, cuda:N or auto")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Whether this binary was built with the `cuda` feature.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+/// Opens the device `choice` names. An explicit CUDA device that cannot be opened is an error
+/// that says why; `auto` falls back to the CPU, with a note on stderr when a CUDA build finds no
+/// GPU.
+pub fn open(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) => {
+            if !CUDA_BUILT {
+                bail!(
+                    "--device {choice}: this cxrgen was built without CUDA; build the CUDA binary \
+                     with scripts/build-cuda.sh, or use --device cpu"
+                );
+            }
+            Device::new_cuda(n).with_context(|| {
+                format!("--device {choice}: cannot open CUDA device {n} (is there an NVIDIA GPU with that number and a working driver?)")
+            })
+        }
+        DeviceChoice::Auto if CUDA_BUILT => match Device::new_cuda(0) {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                eprintln!("no usable CUDA device ({e}); running on the CPU");
+                Ok(Device::Cpu)
+            }
+        },
+        DeviceChoice::Auto => Ok(Device::Cpu),
+    }
+}
+
+/// `cpu` or `cuda:N`, for logs and JSON.
+pub fn name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// Peak memory in MiB: on the CPU the process's peak resident set (Linux VmHWM, since the process
+/// started); on CUDA the high-water mark of memory allocated from the device's pool since the last
+/// [`reset_peak`] (what `torch.cuda.max_memory_allocated` reports).
+pub fn peak_memory_mib(device: &Device) -> Option<f64> {
+    match device {
+        Device::Cuda(_) => cuda::pool_high_water_mib(device),
+        _ => peak_rss_mib(),
+    }
+}
+
+/// Starts a new peak-memory window on CUDA; the CPU's peak RSS cannot be reset and keeps counting.
+pub fn reset_peak(device: &Device) {
+    if let Device::Cuda(_) = device {
+        cuda::reset_pool_high_water(device);
+    }
+}
+
+/// Peak resident memory of this process in MiB (Linux: VmHWM), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The label of [`peak_memory_mib`] in logs: `peak RSS` or `peak device memory`.
+pub fn peak_memory_label(device: &Device) -> &'static str {
+    match device {
+        Device::Cuda(_) => "peak device memory",
+        _ => "peak RSS",
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! candle allocates with `cuMemAllocAsync` from the device's current memory pool, whose
+    //! "used memory high" attribute is the peak of live allocations.
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::Device;
+
+    fn pool(device: &Device) -> Option<sys::CUmemoryPool> {
+        let Device::Cuda(d) = device else { return None };
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().ok()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: a valid device handle from a live context and an out-pointer for the pool.
+        let rc = unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) };
+        (rc == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+    }
+
+    pub fn pool_high_water_mib(device: &Device) -> Option<f64> {
+        let pool = pool(device)?;
+        let mut bytes: u64 = 0;
+        // SAFETY: the attribute is a cuuint64_t, written into `bytes`.
+        let rc = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut bytes as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        (rc == sys::CUresult::CUDA_SUCCESS).then_some(bytes as f64 / (1024.0 * 1024.0))
+    }
+
+    pub fn reset_pool_high_water(device: &Device) {
+        if let Some(pool) = pool(device) {
+            let mut zero: u64 = 0;
+            // SAFETY: resetting the high-water mark takes a cuuint64_t zero.
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut u64 as *mut std::ffi::c_void,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    //! A CPU-only build never holds a CUDA device.
+    use candle_core::Device;
+
+    pub fn pool_high_water_mib(_: &Device) -> Option<f64> {
+        None
+    }
+
+    pub fn reset_pool_high_water(_: &Device) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_choices_parse_and_print() {
+        for (s, c) in [
+            ("auto", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda:3", DeviceChoice::Cuda(3)),
+        ] {
+            assert_eq!(s.parse::<DeviceChoice>(), Ok(c));
+        }
+        assert_eq!(DeviceChoice::Cuda(3).to_string(), "cuda:3");
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
+            let e = bad.parse::<DeviceChoice>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn cpu_opens_and_reports_its_peak_memory() {
+        let d = open(DeviceChoice::Cpu).unwrap();
+        assert_eq!(name(&d), "cpu");
+        assert!(peak_memory_mib(&d).unwrap() > 0.0);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_in_a_cpu_build_is_a_clear_error() {
+        let e = open(DeviceChoice::Cuda(1)).unwrap_err().to_string();
+        assert!(
+            e.contains("--device cuda:1") && e.contains("built without CUDA"),
+            "{e}"
+        );
+        assert!(matches!(open(DeviceChoice::Auto).unwrap(), Device::Cpu));
+    }
+}
