@@ -172,15 +172,20 @@ struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
     /// What to generate, e.g. "Large right pleural effusion."
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", conflicts_with = "prompts_file")]
     prompt: String,
+    /// Prompts to generate, one a line, or a .csv with a header naming `prompt` and optionally
+    /// `n` and `seed` columns. Images are named p<line>-<seed>; those already in --out are kept,
+    /// so a run that stopped finishes when started again.
+    #[arg(long, value_name = "FILE")]
+    prompts_file: Option<PathBuf>,
     /// Steer away from this text (it replaces the empty prompt of the unconditional branch).
     #[arg(long, default_value = "")]
     negative_prompt: String,
     /// Allow an empty --prompt: sample from the unconditional model.
     #[arg(long)]
     unconditional: bool,
-    /// Number of images; image i uses seed + i.
+    /// Images per prompt; image i uses seed + i.
     #[arg(long, default_value_t = 1)]
     n: usize,
     #[arg(long, default_value_t = 0)]
@@ -202,15 +207,45 @@ struct GenerateArgs {
     /// The folder to write the images to.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Bits per pixel of the PNGs.
+    /// Bits per pixel.
     #[arg(long, default_value_t = 8)]
     bits: u8,
+    /// png, or dicom (Secondary Capture, Synthetic Data = YES, new UIDs per image).
+    #[arg(long, value_enum, default_value_t = FormatArg::Png)]
+    format: FormatArg,
+    /// What the networks compute in: f32, f16 or bf16 (default: f16 on CUDA, f32 on the CPU).
+    /// The VAE decodes again in F32 any image that F16 overflows.
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
     /// Sample with the raw weights instead of their EMA.
     #[arg(long)]
     no_ema: bool,
     /// One JSON object per image on stdout (path, prompt, seed, sampler, steps, guidance).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Png,
+    Dicom,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PrecisionArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<PrecisionArg> for crate::config::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Self::F32,
+            PrecisionArg::F16 => Self::F16,
+            PrecisionArg::Bf16 => Self::Bf16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -257,7 +292,10 @@ fn generate_request(a: GenerateArgs) -> crate::generate::Request {
     use crate::diffusion::SamplerKind;
     crate::generate::Request {
         checkpoint: a.checkpoint,
-        prompt: a.prompt,
+        prompts: match a.prompts_file {
+            Some(f) => crate::generate::Prompts::File(f),
+            None => crate::generate::Prompts::One(a.prompt),
+        },
         negative_prompt: a.negative_prompt,
         unconditional: a.unconditional,
         n: a.n,
@@ -275,6 +313,11 @@ fn generate_request(a: GenerateArgs) -> crate::generate::Request {
         batch_size: a.batch_size,
         out: a.out,
         bits: a.bits,
+        format: match a.format {
+            FormatArg::Png => crate::generate::Format::Png,
+            FormatArg::Dicom => crate::generate::Format::Dicom,
+        },
+        precision: a.precision.map(Into::into),
         ema: !a.no_ema,
         json: a.json,
         progress: std::io::stderr().is_terminal(),

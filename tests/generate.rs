@@ -188,3 +188,176 @@ fn bad_input_is_a_clear_error() {
     assert!(e.contains("truncated") && e.contains("64 tokens"), "{e}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn a_prompts_file_finishes_what_an_earlier_run_left() {
+    let out = dir("prompts");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let csv = out.join("prompts.csv");
+    std::fs::write(
+        &csv,
+        "prompt,n,seed\nLeft pleural effusion.,2,10\n\"Cardiomegaly, no effusion.\",1,3\n",
+    )
+    .unwrap();
+    let images = out.join("images");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            model().to_str().unwrap(),
+            "--prompts-file",
+            csv.to_str().unwrap(),
+            "--steps",
+            "8",
+            "--out",
+            images.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ok(cxrgen(&args))
+    };
+    let first = run(&["--json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&first.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["prompt"], "Cardiomegaly, no effusion.");
+    let names = [
+        "p00002-00000010.png",
+        "p00002-00000011.png",
+        "p00003-00000003.png",
+    ];
+    for name in names {
+        assert!(images.join(name).is_file(), "{name}");
+    }
+    // A prompt and seed from a file give the image --prompt gives them.
+    let single = dir("prompts-single");
+    ok(generate(&single, &["--n", "1"]));
+    assert!(
+        std::fs::read(single.join("cxr-00000010.png")).unwrap()
+            == std::fs::read(images.join(names[0])).unwrap()
+    );
+    // As if the first run had stopped before its second image: only that one is made again.
+    let kept = std::fs::read(images.join(names[1])).unwrap();
+    std::fs::remove_file(images.join(names[1])).unwrap();
+    let again = run(&[]);
+    let msg = String::from_utf8_lossy(&again.stderr);
+    assert!(msg.contains("2 of 3 images are already"), "{msg}");
+    assert!(msg.contains("wrote 1 image"), "{msg}");
+    assert!(std::fs::read(images.join(names[1])).unwrap() == kept);
+
+    // Not UTF-8: the error names the line.
+    let bad = out.join("bad.txt");
+    std::fs::write(&bad, b"Normal chest.\nEffusion \xe9\n").unwrap();
+    let o = cxrgen(&[
+        "generate",
+        "--checkpoint",
+        model().to_str().unwrap(),
+        "--prompts-file",
+        bad.to_str().unwrap(),
+        "--out",
+        images.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("bad.txt line 2: not UTF-8"), "{e}");
+    for d in [out, single] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// The data elements of an explicit-VR little-endian DICOM file (no sequences), by tag.
+fn dicom_elements(bytes: &[u8]) -> std::collections::HashMap<(u16, u16), Vec<u8>> {
+    assert_eq!(&bytes[128..132], b"DICM", "DICOM preamble");
+    let (mut at, mut out) = (132, std::collections::HashMap::new());
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+    while at < bytes.len() {
+        let tag = (u16_at(at), u16_at(at + 2));
+        let vr = &bytes[at + 4..at + 6];
+        let (len, head) = if [b"OB", b"OW", b"UT", b"UN", b"SQ"].iter().any(|v| vr == *v) {
+            let l = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+            (l as usize, 12)
+        } else {
+            (u16_at(at + 6) as usize, 8)
+        };
+        out.insert(tag, bytes[at + head..at + head + len].to_vec());
+        at += head + len;
+    }
+    out
+}
+
+#[test]
+fn dicom_output_is_marked_synthetic_and_holds_the_png_pixels() {
+    let (d, p) = (dir("dicom"), dir("dicom-png"));
+    ok(generate(
+        &d,
+        &["--n", "2", "--bits", "16", "--format", "dicom"],
+    ));
+    ok(generate(&p, &["--n", "1", "--bits", "16"]));
+    let a = dicom_elements(&std::fs::read(d.join("cxr-00000010.dcm")).unwrap());
+    let b = dicom_elements(&std::fs::read(d.join("cxr-00000011.dcm")).unwrap());
+    let text = |e: &std::collections::HashMap<(u16, u16), Vec<u8>>, tag| {
+        String::from_utf8(e[&tag].clone())
+            .unwrap()
+            .trim_end_matches(['\0', ' '])
+            .to_string()
+    };
+    assert_eq!(text(&a, (0x0008, 0x0016)), "1.2.840.10008.5.1.4.1.1.7");
+    assert_eq!(text(&a, (0x0008, 0x001C)), "YES");
+    assert_eq!(text(&a, (0x0008, 0x0064)), "SYN");
+    assert_eq!(text(&a, (0x0028, 0x0301)), "NO");
+    assert_eq!(text(&a, (0x0002, 0x0003)), text(&a, (0x0008, 0x0018)));
+    assert_ne!(
+        text(&a, (0x0008, 0x0018)),
+        text(&b, (0x0008, 0x0018)),
+        "one UID per image"
+    );
+    assert_eq!(
+        text(&a, (0x0020, 0x000E)),
+        text(&b, (0x0020, 0x000E)),
+        "one series per run"
+    );
+    let comments = text(&a, (0x0020, 0x4000));
+    for want in [
+        "prompt: Left pleural effusion.",
+        "seed: 10",
+        "SYNTHETIC IMAGE - NOT FOR DIAGNOSTIC USE",
+    ] {
+        assert!(comments.contains(want), "{comments}");
+    }
+    assert_eq!(a[&(0x0028, 0x0010)], 64u16.to_le_bytes());
+    let png = image::open(p.join("cxr-00000010.png"))
+        .unwrap()
+        .into_luma16();
+    let pixels: Vec<u16> = a[&(0x7FE0, 0x0010)]
+        .chunks(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    assert!(pixels == png.into_raw(), "DICOM and PNG pixels differ");
+
+    // An independent reader, where the machine has one.
+    let check = "import pydicom,sys; d=pydicom.dcmread(sys.argv[1]); \
+                 assert d.SyntheticData=='YES' and d.Rows==64 and d.BitsStored==16, d; \
+                 assert len(d.PixelData)==64*64*2 and 'seed: 10' in d.ImageComments, d; \
+                 assert d.file_meta.MediaStorageSOPClassUID==d.SOPClassUID, d; print('ok')";
+    match std::process::Command::new("python3")
+        .args(["-c", check, d.join("cxr-00000010.dcm").to_str().unwrap()])
+        .output()
+    {
+        Ok(o) if o.status.success() => assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok"),
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named") => {
+            eprintln!(
+                "SKIPPED the pydicom cross-check: pydicom is not installed (pip install pydicom)"
+            )
+        }
+        Ok(o) => panic!(
+            "pydicom rejects the file: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(_) => eprintln!("SKIPPED the pydicom cross-check: no python3"),
+    }
+    for x in [d, p] {
+        std::fs::remove_dir_all(x).unwrap();
+    }
+}

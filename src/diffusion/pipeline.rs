@@ -10,11 +10,11 @@ use sha2::{Digest, Sha256};
 
 use super::samplers::{sample, ClampX0, Denoiser, ImageNoise, SamplerOptions};
 use super::schedule::NoiseSchedule;
-use crate::config::Config;
+use crate::config::{Config, Precision};
 use crate::model::attention::padding_bias;
 use crate::model::{TextEncoder, TextHead, UNet, Vae};
 use crate::train::checkpoint::{self, TrainState, EMA, MODEL};
-use crate::train::stages::{TrainedVae, VAE_FILE};
+use crate::train::stages::{vae_from_bytes, TrainedVae, VAE_FILE};
 
 /// A trained latent diffusion model, ready to sample.
 pub struct Pipeline {
@@ -23,6 +23,7 @@ pub struct Pipeline {
     head: TextHead,
     text: TextEncoder,
     vae: Vae,
+    vae_half: Option<Vae>,
     latent_scale: f64,
     latent_range: Option<(f64, f64)>,
     device: Device,
@@ -39,34 +40,51 @@ pub struct Parts<'a> {
     pub unet: &'a UNet,
     pub head: &'a TextHead,
     pub text: &'a TextEncoder,
+    /// The VAE in F32.
     pub vae: &'a Vae,
+    /// The VAE in half precision, tried first when present; an image it decodes to NaN or
+    /// infinity (F16 overflows in the decoder's activations) is decoded again by `vae`.
+    pub vae_half: Option<&'a Vae>,
     pub latent_scale: f64,
     /// Clean estimates are clipped to this range during sampling (None: no clipping).
     pub latent_range: Option<(f64, f64)>,
     pub device: &'a Device,
 }
 
+/// A prompt encoded for guidance: the text head's context and the padding bias of the prompt
+/// and of the negative (or empty) prompt, [2, T, D] and [2, 1, T].
+pub struct Conditioning {
+    context: Tensor,
+    bias: Tensor,
+}
+
 impl Parts<'_> {
-    /// Images for one prompt, one per seed: `image_size`² intensities in [0, 1] each. `negative`
-    /// replaces the empty prompt of the unconditional branch. `on_step` is called after every
-    /// sampling step.
-    pub fn generate(
+    /// Encodes `prompt` and `negative` (which replaces the empty prompt of the unconditional
+    /// branch) once, for any number of [`Parts::sample`] calls.
+    pub fn condition(&self, prompt: &str, negative: &str) -> Result<Conditioning> {
+        let (hidden, mask) = self.text.encode(&[prompt, negative], self.device)?;
+        Ok(Conditioning {
+            context: self.head.forward(&hidden)?,
+            bias: padding_bias(&mask)?,
+        })
+    }
+
+    /// Images for one prompt, one per seed: `image_size`² intensities in [0, 1] each.
+    /// `on_step` is called after every sampling step.
+    pub fn sample(
         &self,
-        prompt: &str,
-        negative: &str,
+        cond: &Conditioning,
         seeds: &[u64],
         opts: &SamplerOptions,
         guidance: f64,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Vec<Vec<f32>>> {
-        let (hidden, mask) = self.text.encode(&[prompt, negative], self.device)?;
-        let context = self.head.forward(&hidden)?;
-        let bias = padding_bias(&mask)?;
         let mut guided = Guided {
             unet: self.unet,
-            context,
-            bias,
+            context: cond.context.clone(),
+            bias: cond.bias.clone(),
             guidance,
+            per_image: self.device.is_cpu(),
         };
         let c = self.config.vae.latent_channels;
         let z = self.config.latent_size();
@@ -86,13 +104,41 @@ impl Parts<'_> {
         // One image at a time, for the same reason as the denoiser.
         let latents = (latents / self.latent_scale)?;
         let decoded = (0..seeds.len())
-            .map(|i| self.vae.decode(&latents.narrow(0, i, 1)?))
+            .map(|i| self.decode(&latents.narrow(0, i, 1)?))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let images = Tensor::cat(&decoded, 0)?;
         let images = ((images.clamp(-1f32, 1f32)? + 1.0)? * 0.5)?.to_dtype(DType::F32)?;
         (0..seeds.len())
             .map(|i| Ok(images.get(i)?.flatten_all()?.to_vec1::<f32>()?))
             .collect()
+    }
+
+    /// [`Parts::condition`] then [`Parts::sample`].
+    pub fn generate(
+        &self,
+        prompt: &str,
+        negative: &str,
+        seeds: &[u64],
+        opts: &SamplerOptions,
+        guidance: f64,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        let cond = self.condition(prompt, negative)?;
+        self.sample(&cond, seeds, opts, guidance, on_step)
+    }
+}
+
+impl Parts<'_> {
+    /// [1, C, h, w] unscaled latent → [1, 1, H, W] in F32.
+    fn decode(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(half) = self.vae_half {
+            let image = half.decode(z)?;
+            let total = image.sum_all()?.to_scalar::<f32>()?;
+            if total.is_finite() {
+                return Ok(image);
+            }
+        }
+        self.vae.decode(z)
     }
 }
 
@@ -105,6 +151,9 @@ struct Guided<'a> {
     /// [2, 1, T]
     bias: Tensor,
     guidance: f64,
+    /// One forward pass per image (the CPU, where images must not depend on the batch), or one
+    /// for the whole batch (CUDA, where batching is the speed).
+    per_image: bool,
 }
 
 impl Guided<'_> {
@@ -127,10 +176,52 @@ impl Guided<'_> {
     }
 }
 
+impl Guided<'_> {
+    /// ε̂ for a batch `x` [B, C, h, w] in one forward pass of 2B (conditional, then unconditional).
+    fn eps_batch(&self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
+        let b = x.dim(0)?;
+        if b == 1 {
+            return self.eps_one(x, t);
+        }
+        let repeat = |c: &Tensor| -> candle_core::Result<Tensor> {
+            let (cond, uncond) = (c.narrow(0, 0, 1)?, c.narrow(0, 1, 1)?);
+            let shape_c: Vec<usize> = std::iter::once(b)
+                .chain(cond.dims()[1..].iter().copied())
+                .collect();
+            Tensor::cat(
+                &[
+                    cond.broadcast_as(shape_c.clone())?,
+                    uncond.broadcast_as(shape_c)?,
+                ],
+                0,
+            )?
+            .contiguous()
+        };
+        if self.guidance == 1.0 {
+            let ts = Tensor::full(t as f32, b, x.device())?;
+            let ctx = repeat(&self.context)?.narrow(0, 0, b)?;
+            let bias = repeat(&self.bias)?.narrow(0, 0, b)?;
+            return self.unet.forward(x, &ts, &ctx, Some(&bias));
+        }
+        let ts = Tensor::full(t as f32, 2 * b, x.device())?;
+        let eps = self.unet.forward(
+            &Tensor::cat(&[x, x], 0)?,
+            &ts,
+            &repeat(&self.context)?,
+            Some(&repeat(&self.bias)?),
+        )?;
+        let (c, u) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
+        &u + ((c - &u)? * self.guidance)?
+    }
+}
+
 impl Denoiser for Guided<'_> {
-    /// Each image gets its own forward pass: matrix products on the CPU can round differently
+    /// On the CPU each image gets its own forward pass: matrix products there round differently
     /// when more rows share them, and an image must not depend on the batch it is in.
     fn eps(&mut self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
+        if !self.per_image {
+            return self.eps_batch(x, t);
+        }
         let parts = (0..x.dim(0)?)
             .map(|i| self.eps_one(&x.narrow(0, i, 1)?, t))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -140,8 +231,9 @@ impl Denoiser for Guided<'_> {
 
 impl Pipeline {
     /// From a `train-diffusion` run folder (its best checkpoint, else its last) or a checkpoint
-    /// folder; `ema`: sample with the EMA weights (the default) rather than the raw ones.
-    pub fn load(path: &Path, ema: bool, device: &Device) -> Result<Self> {
+    /// folder; `ema`: sample with the EMA weights (the default) rather than the raw ones;
+    /// `precision`: what the U-Net, the text head and (with an F32 fallback) the VAE compute in.
+    pub fn load(path: &Path, ema: bool, device: &Device, precision: Precision) -> Result<Self> {
         let (dir, state): (PathBuf, TrainState) = if path.join(checkpoint::STATE).is_file() {
             (path.to_path_buf(), checkpoint::read_state(path)?)
         } else if path.join(checkpoint::CHECKPOINTS).is_dir() {
@@ -164,7 +256,7 @@ impl Pipeline {
         let weights_sha256 = format!("{:x}", Sha256::digest(&bytes));
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)
             .with_context(|| format!("{} is not a safetensors file", weights_path.display()))?;
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let vb = VarBuilder::from_tensors(tensors, precision.dtype(), device);
         let text = TextEncoder::load(&cfg.text, device)?;
         let unet = UNet::new(
             &cfg.unet,
@@ -183,12 +275,17 @@ impl Pipeline {
             .with_context(|| format!("{} does not match the text head of its config (text.context_dim = {}, encoder hidden size {})", weights_path.display(), cfg.text.context_dim, text.hidden_size()))?;
         let vae = TrainedVae::carried_by(&dir, &cfg, device)
             .with_context(|| format!("the checkpoint's {VAE_FILE}"))?;
+        let vae_half = match precision {
+            Precision::F32 => None,
+            p => Some(vae_from_bytes(&vae.bytes, &cfg.vae, p.dtype(), device)?),
+        };
         Ok(Self {
             config: cfg,
             unet,
             head,
             text,
             vae: vae.vae,
+            vae_half,
             latent_scale: vae.latent_scale,
             latent_range: vae.latent_range,
             device: device.clone(),
@@ -209,6 +306,7 @@ impl Pipeline {
             head: &self.head,
             text: &self.text,
             vae: &self.vae,
+            vae_half: self.vae_half.as_ref(),
             latent_scale: self.latent_scale,
             latent_range: self.latent_range,
             device: &self.device,

@@ -418,9 +418,7 @@ impl TrainedVae {
             .and_then(|r| Some((r.first()?.as_f64()?, r.get(1)?.as_f64()?)));
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
-        let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
-        let vae = Vae::new(&cfg.vae, vb)
+        let vae = vae_from_bytes(&bytes, &cfg.vae, DType::F32, device)
             .with_context(|| format!("{} does not hold this config's VAE", path.display()))?;
         Ok(Self {
             vae,
@@ -430,6 +428,15 @@ impl TrainedVae {
             source,
         })
     }
+}
+
+/// A VAE from safetensors bytes, computing in `dtype`.
+pub fn vae_from_bytes(bytes: &[u8], cfg: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
+    Ok(Vae::new(
+        cfg,
+        VarBuilder::from_tensors(tensors, dtype, device),
+    )?)
 }
 
 struct DiffusionObjective {
@@ -573,6 +580,7 @@ impl Objective for DiffusionObjective {
             head: &head,
             text: &self.text,
             vae: &self.vae,
+            vae_half: None,
             latent_scale: self.latent_scale,
             latent_range: self.latent_range,
             device: &self.device,

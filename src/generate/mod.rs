@@ -1,0 +1,303 @@
+//! `cxrgen generate`: images from a prompt or a prompts file, written as PNGs or DICOMs that say
+//! what they are.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::config::Precision;
+use crate::diffusion::pipeline::Pipeline;
+use crate::diffusion::SamplerOptions;
+use crate::io::dicom;
+use crate::io::png::{self, Pixels};
+
+pub mod prompts;
+
+/// The notice every generated image carries (paper §5.4: mark synthetic images).
+pub const SYNTHETIC_NOTICE: &str = "SYNTHETIC IMAGE - NOT FOR DIAGNOSTIC USE";
+
+/// Where the prompts come from.
+pub enum Prompts {
+    /// `--prompt`: images named `cxr-<seed>`, replaced if they exist.
+    One(String),
+    /// `--prompts-file`: images named `p<line>-<seed>`; those already written are kept, so that
+    /// a run that stopped can be started again and finishes the rest.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Png,
+    /// Secondary Capture DICOM, marked synthetic.
+    Dicom,
+}
+
+impl Format {
+    fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Dicom => "dcm",
+        }
+    }
+}
+
+pub struct Request {
+    pub checkpoint: PathBuf,
+    pub prompts: Prompts,
+    pub negative_prompt: String,
+    pub unconditional: bool,
+    /// Images per prompt (a prompts file's CSV may set its own).
+    pub n: usize,
+    pub seed: u64,
+    pub sampler: SamplerOptions,
+    pub guidance: f64,
+    pub batch_size: usize,
+    pub out: PathBuf,
+    /// 8 or 16 bits per pixel.
+    pub bits: u8,
+    pub format: Format,
+    pub ema: bool,
+    pub json: bool,
+    pub progress: bool,
+    pub device: crate::device::DeviceChoice,
+    /// None: F16 on CUDA, F32 on the CPU.
+    pub precision: Option<Precision>,
+}
+
+fn validate(req: &Request) -> Result<()> {
+    if let Prompts::One(p) = &req.prompts {
+        if p.trim().is_empty() && !req.unconditional {
+            bail!(
+                "--prompt is empty: give a prompt, or pass --unconditional to sample without one"
+            );
+        }
+    }
+    if req.bits != 8 && req.bits != 16 {
+        bail!("--bits {}: must be 8 or 16", req.bits);
+    }
+    if req.n == 0 {
+        bail!("--n 0: nothing to generate");
+    }
+    if req.batch_size == 0 {
+        bail!("--batch-size 0: must be at least 1");
+    }
+    if req.sampler.steps == 0 {
+        bail!("--steps 0: must be at least 1");
+    }
+    if !(req.guidance.is_finite() && req.guidance >= 0.0) {
+        bail!(
+            "--guidance-scale {}: must be a finite number ≥ 0",
+            req.guidance
+        );
+    }
+    if !(req.sampler.eta.is_finite() && req.sampler.eta >= 0.0) {
+        bail!("--eta {}: must be a finite number ≥ 0", req.sampler.eta);
+    }
+    if req.seed.checked_add(req.n as u64 - 1).is_none() {
+        bail!("--seed {} + --n {} overflows", req.seed, req.n);
+    }
+    Ok(())
+}
+
+/// Creates the output folder and checks that it can be written, before any work is done.
+fn prepare_out(req: &Request) -> Result<()> {
+    std::fs::create_dir_all(&req.out)
+        .with_context(|| format!("--out {}: cannot create the folder", req.out.display()))?;
+    let probe = req
+        .out
+        .join(format!(".cxrgen-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("--out {}: the folder cannot be written", req.out.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// The precision sampling runs in: the request's, else F16 on CUDA and F32 on the CPU.
+fn precision_for(req: Option<Precision>, device: &candle_core::Device) -> Result<Precision> {
+    let p = req.unwrap_or(if device.is_cuda() {
+        Precision::F16
+    } else {
+        Precision::F32
+    });
+    if p == Precision::Bf16 && device.is_cpu() {
+        bail!("--precision bf16 cannot run on the CPU (candle has no BF16 convolution there): use f32");
+    }
+    Ok(p)
+}
+
+/// One image to write: its prompt, seed and file.
+struct Target<'a> {
+    job: &'a prompts::Job,
+    seed: u64,
+    path: PathBuf,
+}
+
+pub fn run(req: &Request) -> Result<ExitCode> {
+    validate(req)?;
+    let jobs = match &req.prompts {
+        Prompts::One(p) => vec![prompts::Job {
+            prompt: p.clone(),
+            n: req.n,
+            seed: req.seed,
+            line: 0,
+        }],
+        Prompts::File(path) => prompts::read(path, req.n, req.seed, req.unconditional)?,
+    };
+    let device = crate::device::open(req.device)?;
+    let precision = precision_for(req.precision, &device)?;
+    let pipeline = Pipeline::load(&req.checkpoint, req.ema, &device, precision)?;
+    let t_max = pipeline.config.diffusion.timesteps;
+    if req.sampler.steps > t_max {
+        bail!(
+            "--steps {}: the model has {t_max} diffusion timesteps",
+            req.sampler.steps
+        );
+    }
+    let tokenizer = &pipeline.text_encoder().tokenizer;
+    let where_ = |job: &prompts::Job| match &req.prompts {
+        Prompts::One(_) => "--prompt".to_string(),
+        Prompts::File(p) => format!("--prompts-file {} line {}", p.display(), job.line),
+    };
+    for (what, text) in jobs
+        .iter()
+        .map(|j| (where_(j), j.prompt.as_str()))
+        .chain(std::iter::once((
+            "--negative-prompt".to_string(),
+            req.negative_prompt.as_str(),
+        )))
+    {
+        if tokenizer.encode(text)?.1 {
+            eprintln!(
+                "warning: {what} is longer than the model's limit of {} tokens (text.max_tokens) and was truncated",
+                tokenizer.max_tokens()
+            );
+        }
+    }
+    prepare_out(req)?;
+
+    // Every image and its file; with a prompts file, those already written are kept.
+    let ext = req.format.extension();
+    let mut targets = Vec::new();
+    for job in &jobs {
+        for seed in job.seed..job.seed + job.n as u64 {
+            let name = match req.prompts {
+                Prompts::One(_) => format!("cxr-{seed:08}.{ext}"),
+                Prompts::File(_) => format!("p{:05}-{seed:08}.{ext}", job.line),
+            };
+            targets.push(Target {
+                job,
+                seed,
+                path: req.out.join(name),
+            });
+        }
+    }
+    let total = targets.len();
+    if matches!(req.prompts, Prompts::File(_)) {
+        targets.retain(|t| !t.path.exists());
+        if targets.len() < total {
+            eprintln!(
+                "{} of {total} images are already in {}; generating the other {}",
+                total - targets.len(),
+                req.out.display(),
+                targets.len()
+            );
+        }
+    }
+
+    let size = pipeline.config.data.image_size as u32;
+    let bar = if req.progress {
+        indicatif::ProgressBar::new((targets.len() * req.sampler.steps) as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let (date, time) = dicom::utc_now();
+    let (study_uid, series_uid) = (dicom::new_uid("study"), dicom::new_uid("series"));
+    let parts = pipeline.parts();
+    let mut stdout = std::io::stdout().lock();
+    let mut written = 0usize;
+    // Targets of one prompt are consecutive: encode each prompt once, sample its images in batches.
+    for group in targets.chunk_by(|a, b| std::ptr::eq(a.job, b.job)) {
+        let job = group[0].job;
+        let cond = parts.condition(&job.prompt, &req.negative_prompt)?;
+        for batch in group.chunks(req.batch_size) {
+            if crate::interrupt::requested() {
+                return Err(crate::interrupt::Interrupted.into());
+            }
+            let seeds: Vec<u64> = batch.iter().map(|t| t.seed).collect();
+            let images = parts.sample(&cond, &seeds, &req.sampler, req.guidance, &mut |_| {
+                bar.inc(batch.len() as u64)
+            })?;
+            for (target, img) in batch.iter().zip(images) {
+                let meta = [
+                    ("prompt", job.prompt.clone()),
+                    ("negative_prompt", req.negative_prompt.clone()),
+                    ("seed", target.seed.to_string()),
+                    ("sampler", req.sampler.kind.name().to_string()),
+                    ("steps", req.sampler.steps.to_string()),
+                    ("eta", req.sampler.eta.to_string()),
+                    ("guidance_scale", req.guidance.to_string()),
+                    ("checkpoint_sha256", pipeline.weights_sha256.clone()),
+                    ("weights", if req.ema { "ema" } else { "raw" }.to_string()),
+                    ("precision", format!("{precision:?}").to_lowercase()),
+                    ("software", format!("cxrgen {}", env!("CARGO_PKG_VERSION"))),
+                    ("Disclaimer", SYNTHETIC_NOTICE.to_string()),
+                ];
+                let px16: Vec<u16>;
+                let px8: Vec<u8>;
+                let pixels = if req.bits == 16 {
+                    px16 = img.iter().map(|v| (v * 65535.0).round() as u16).collect();
+                    Pixels::Sixteen(&px16)
+                } else {
+                    px8 = img.iter().map(|v| (v * 255.0).round() as u8).collect();
+                    Pixels::Eight(&px8)
+                };
+                match req.format {
+                    Format::Png => png::write(&target.path, pixels, size, &meta)?,
+                    Format::Dicom => {
+                        let comments = meta
+                            .iter()
+                            .map(|(k, v)| format!("{k}: {v}"))
+                            .collect::<Vec<_>>()
+                            .join("\n");
+                        let uid = dicom::new_uid(&target.path.display().to_string());
+                        dicom::write(
+                            &target.path,
+                            pixels,
+                            size,
+                            &dicom::DicomMeta {
+                                sop_instance_uid: &uid,
+                                study_uid: &study_uid,
+                                series_uid: &series_uid,
+                                instance_number: written as u32 + 1,
+                                date: &date,
+                                time: &time,
+                                series_description: SYNTHETIC_NOTICE,
+                                comments: &comments,
+                            },
+                        )?
+                    }
+                }
+                written += 1;
+                if req.json {
+                    let line = json!({
+                        "path": target.path.display().to_string(), "prompt": job.prompt,
+                        "seed": target.seed, "sampler": req.sampler.kind.name(),
+                        "steps": req.sampler.steps, "guidance": req.guidance,
+                    });
+                    if writeln!(stdout, "{line}").is_err() {
+                        // A closed pipe: the reader has gone; stop quietly.
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if !req.json {
+        eprintln!("wrote {written} image(s) to {}", req.out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
