@@ -50,6 +50,52 @@ enum Command {
     Eval(PendingArgs),
     /// Print the resolved config and the parameter count of each network.
     Info(InfoArgs),
+    /// Time sampling (ms per step and per image) and, with --train, a training step.
+    Bench(BenchArgs),
+    /// Compare a device's outputs with the CPU's: VAE, U-Net, gradients, a 10-step sample.
+    CheckDevice(CheckDeviceArgs),
+}
+
+#[derive(Args)]
+struct CheckDeviceArgs {
+    /// A config file, or a built-in preset: paper, tiny.
+    #[arg(long, default_value = "tiny")]
+    config: String,
+    /// The device to check: cpu, cuda, cuda:N, or auto.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    device: DeviceChoice,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A config file, or a built-in preset: paper, tiny.
+    #[arg(long, default_value = "paper")]
+    config: String,
+    /// Where the networks run: cpu, cuda, cuda:N, or auto.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    device: DeviceChoice,
+    /// Compute precision (default: f16 on CUDA, f32 on the CPU; training: the config's on CUDA).
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batch_sizes: Vec<usize>,
+    /// Sampling steps the per-image figure is for.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Denoising steps timed per batch size.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Also time optimizer steps of train-diffusion (the config's batch, accumulation,
+    /// checkpointing and precision) and their peak memory.
+    #[arg(long)]
+    train: bool,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -285,6 +331,21 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Generate(args) => crate::generate::run(&generate_request(args)),
         Command::Eval(_) => not_implemented("eval", "a later issue"),
+        Command::CheckDevice(a) => crate::check::run(&crate::check::Request {
+            config: a.config,
+            device: a.device,
+            json: a.json,
+        }),
+        Command::Bench(a) => crate::bench::run(&crate::bench::Request {
+            config: a.config,
+            device: a.device,
+            precision: a.precision.map(Into::into),
+            batch_sizes: a.batch_sizes,
+            steps: a.steps,
+            repeats: a.repeats,
+            train: a.train,
+            json: a.json,
+        }),
     }
 }
 

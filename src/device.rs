@@ -59,18 +59,29 @@ pub fn open(choice: DeviceChoice) -> Result<Device> {
                      with scripts/build-cuda.sh, or use --device cpu"
                 );
             }
-            Device::new_cuda(n).with_context(|| {
+            Device::new_cuda(n).map_err(without_backtrace).with_context(|| {
                 format!("--device {choice}: cannot open CUDA device {n} (is there an NVIDIA GPU with that number and a working driver?)")
             })
         }
         DeviceChoice::Auto if CUDA_BUILT => match Device::new_cuda(0) {
             Ok(d) => Ok(d),
             Err(e) => {
-                eprintln!("no usable CUDA device ({e}); running on the CPU");
+                eprintln!(
+                    "no usable CUDA device ({}); running on the CPU",
+                    without_backtrace(e)
+                );
                 Ok(Device::Cpu)
             }
         },
         DeviceChoice::Auto => Ok(Device::Cpu),
+    }
+}
+
+/// The error itself: a user needs the driver's answer, not candle's stack trace.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => *inner,
+        other => other,
     }
 }
 

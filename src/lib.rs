@@ -3,6 +3,8 @@
 //! Layout: [`config`] (YAML configs), [`model`] (VAE, U-Net, text encoder), [`diffusion`] (noise
 //! schedules), [`train`] (objectives), [`cli`] (the `cxrgen` command), [`rng`] (seeded randomness).
 
+pub mod bench;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -1,4 +1,5 @@
-//! The `cxrgen` binary: `info` counts, config errors, and honest refusals of unfinished commands.
+//! The `cxrgen` binary: `info` counts, config errors, `bench` figures, and honest refusals of
+//! unfinished commands.
 
 use std::process::{Command, Output};
 
@@ -121,4 +122,74 @@ fn training_input_errors_name_what_is_wrong() {
         err.contains("no-such-run") && err.contains("not a run folder"),
         "{err}"
     );
+}
+
+#[test]
+fn bench_reports_each_batch_size_and_a_training_step() {
+    let out = cxrgen(&[
+        "bench",
+        "--config",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch-sizes",
+        "1,2",
+        "--repeats",
+        "2",
+        "--steps",
+        "20",
+        "--train",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["device"], "cpu");
+    let rows = v["sampling"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, b) in rows.iter().zip([1, 2]) {
+        assert_eq!(row["batch"], b);
+        let (step, decode, image) = (
+            row["ms_per_step"].as_f64().unwrap(),
+            row["decode_ms_per_image"].as_f64().unwrap(),
+            row["ms_per_image"].as_f64().unwrap(),
+        );
+        assert!(step > 0.0 && decode > 0.0, "{row}");
+        // Per image: 20 steps of the batch shared by its images, plus decoding.
+        assert!(
+            (image - (20.0 * step / b as f64 + decode)).abs() < 1e-6 * image,
+            "{row}"
+        );
+    }
+    assert!(v["training"]["ms_per_optimizer_step"].as_f64().unwrap() > 0.0);
+    assert!(v["training"]["peak_mib"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn check_device_compares_with_the_cpu() {
+    // On the CPU against itself every difference is zero: the check is deterministic. On a GPU,
+    // scripts/gpu-check.sh runs the same command with --device cuda.
+    let out = cxrgen(&[
+        "check-device",
+        "--config",
+        "tiny",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    let checks = v["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 4);
+    for c in checks {
+        assert_eq!(c["max_abs"], 0.0, "{c}");
+    }
 }

@@ -79,6 +79,18 @@ impl Parts<'_> {
         guidance: f64,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Vec<Vec<f32>>> {
+        self.decode_images(&self.denoise(cond, seeds, opts, guidance, on_step)?)
+    }
+
+    /// The sampled latents, one per seed: [B, C, h, w] in the diffusion model's scale.
+    pub fn denoise(
+        &self,
+        cond: &Conditioning,
+        seeds: &[u64],
+        opts: &SamplerOptions,
+        guidance: f64,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
         let mut guided = Guided {
             unet: self.unet,
             context: cond.context.clone(),
@@ -90,7 +102,7 @@ impl Parts<'_> {
         let z = self.config.latent_size();
         let mut noise = ImageNoise::new(seeds, (c, z, z), self.device);
         let schedule = NoiseSchedule::new(&self.config.diffusion);
-        let latents = match self.latent_range {
+        Ok(match self.latent_range {
             Some((lo, hi)) => {
                 let mut clamped = ClampX0 {
                     inner: guided,
@@ -100,15 +112,20 @@ impl Parts<'_> {
                 sample(&mut clamped, &schedule, opts, &mut noise, on_step)?
             }
             None => sample(&mut guided, &schedule, opts, &mut noise, on_step)?,
-        };
+        })
+    }
+
+    /// Latents from [`Parts::denoise`] → images: `image_size`² intensities in [0, 1] each.
+    pub fn decode_images(&self, latents: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let n = latents.dim(0)?;
         // One image at a time, for the same reason as the denoiser.
         let latents = (latents / self.latent_scale)?;
-        let decoded = (0..seeds.len())
+        let decoded = (0..n)
             .map(|i| self.decode(&latents.narrow(0, i, 1)?))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let images = Tensor::cat(&decoded, 0)?;
         let images = ((images.clamp(-1f32, 1f32)? + 1.0)? * 0.5)?.to_dtype(DType::F32)?;
-        (0..seeds.len())
+        (0..n)
             .map(|i| Ok(images.get(i)?.flatten_all()?.to_vec1::<f32>()?))
             .collect()
     }

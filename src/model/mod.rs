@@ -24,6 +24,23 @@ use serde::Serialize;
 use crate::config::{Config, TextEncoderSource};
 use text::{BertConfig, BertFiles};
 
+/// The U-Net (`unet.`) and the text head (`text_head.`) of a config, from `vb`; `text_hidden` is
+/// the frozen encoder's width.
+pub fn diffusion_networks(
+    cfg: &Config,
+    text_hidden: usize,
+    vb: candle_nn::VarBuilder,
+) -> candle_core::Result<(UNet, TextHead)> {
+    let unet = UNet::new(
+        &cfg.unet,
+        cfg.vae.latent_channels,
+        cfg.text.context_dim,
+        vb.pp("unet"),
+    )?;
+    let head = TextHead::new(text_hidden, cfg.text.context_dim, vb.pp("text_head"))?;
+    Ok((unet, head))
+}
+
 /// Parameter counts of the networks a config describes.
 #[derive(Debug, Clone, Serialize)]
 pub struct ParamCounts {

@@ -18,7 +18,7 @@ use crate::data::split::Split;
 use crate::diffusion::pipeline::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
-use crate::model::{seeded_var_builder, TextEncoder, TextHead, UNet, Vae};
+use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, TextHead, UNet, Vae};
 use crate::rng::Rng;
 use candle_core::backprop::GradStore;
 
@@ -67,7 +67,7 @@ fn run_precision(req: &RunRequest, run: &RunConfig, stage: &str) -> Result<Preci
 /// The master weights in `varmap` cast to `dtype`, as the VarBuilder a micro-batch builds its
 /// networks from. The casts are part of the graph, so their backward pass hands F32 gradients
 /// to the master weights; in F32 the "casts" are the Vars themselves.
-fn compute_weights(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+pub fn compute_weights(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
     let tensors: HashMap<String, Tensor> = varmap
         .data()
         .lock()
@@ -430,6 +430,22 @@ impl TrainedVae {
     }
 }
 
+/// Fills `varmap` with freshly initialised U-Net (`unet.`) and text-head (`text_head.`) weights.
+pub fn init_diffusion_weights(
+    cfg: &Config,
+    text: &TextEncoder,
+    varmap: &VarMap,
+    seed: u64,
+    device: &Device,
+) -> Result<()> {
+    diffusion_networks(
+        cfg,
+        text.hidden_size(),
+        seeded_var_builder(varmap, seed, device),
+    )?;
+    Ok(())
+}
+
 /// A VAE from safetensors bytes, computing in `dtype`.
 pub fn vae_from_bytes(bytes: &[u8], cfg: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
     let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
@@ -461,7 +477,7 @@ struct DiffusionObjective {
 }
 
 /// `loss.backward()` plus the gradients gradient-checkpointed segments collected.
-fn backward_with(loss: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<GradStore> {
+pub fn backward_with(loss: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<GradStore> {
     let mut grads = loss.backward()?;
     if let Some(c) = ckpt {
         c.merge_into(&mut grads)?;
@@ -470,7 +486,7 @@ fn backward_with(loss: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<GradSto
 }
 
 /// Gradient checkpointing over all of `varmap`'s parameters when the run asks for it.
-fn checkpointing_for(run: &RunConfig, varmap: &VarMap) -> Result<Option<GradCheckpoint>> {
+pub fn checkpointing_for(run: &RunConfig, varmap: &VarMap) -> Result<Option<GradCheckpoint>> {
     Ok(if run.grad_checkpointing {
         Some(GradCheckpoint::new(varmap.all_vars())?)
     } else {
@@ -481,20 +497,9 @@ fn checkpointing_for(run: &RunConfig, varmap: &VarMap) -> Result<Option<GradChec
 impl DiffusionObjective {
     /// The U-Net and the text head on the current weights, in the run's precision.
     fn networks(&self) -> Result<(UNet, TextHead)> {
-        let cfg = &self.config;
         let vb = compute_weights(&self.varmap, self.dtype, &self.device);
-        let mut unet = UNet::new(
-            &cfg.unet,
-            cfg.vae.latent_channels,
-            cfg.text.context_dim,
-            vb.pp("unet"),
-        )?;
+        let (mut unet, head) = diffusion_networks(&self.config, self.text.hidden_size(), vb)?;
         unet.set_checkpointing(self.checkpoint.clone());
-        let head = TextHead::new(
-            self.text.hidden_size(),
-            cfg.text.context_dim,
-            vb.pp("text_head"),
-        )?;
         Ok((unet, head))
     }
 }
@@ -563,17 +568,7 @@ impl Objective for DiffusionObjective {
             &self.device,
         );
         let cfg = &self.config;
-        let unet = UNet::new(
-            &cfg.unet,
-            cfg.vae.latent_channels,
-            cfg.text.context_dim,
-            vb.pp("unet"),
-        )?;
-        let head = TextHead::new(
-            self.text.hidden_size(),
-            cfg.text.context_dim,
-            vb.pp("text_head"),
-        )?;
+        let (unet, head) = diffusion_networks(cfg, self.text.hidden_size(), vb)?;
         let parts = Parts {
             config: cfg,
             unet: &unet,
@@ -663,14 +658,13 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
     let precision = run_precision(req, &cfg.train_diffusion.run, "train_diffusion")?;
     let text = TextEncoder::load(&cfg.text, &req.device)?;
     let varmap = VarMap::new();
-    let vb = seeded_var_builder(&varmap, cfg.train_diffusion.run.seed, &req.device);
-    UNet::new(
-        &cfg.unet,
-        cfg.vae.latent_channels,
-        cfg.text.context_dim,
-        vb.pp("unet"),
+    init_diffusion_weights(
+        &cfg,
+        &text,
+        &varmap,
+        cfg.train_diffusion.run.seed,
+        &req.device,
     )?;
-    TextHead::new(text.hidden_size(), cfg.text.context_dim, vb.pp("text_head"))?;
     let checkpoint = checkpointing_for(&cfg.train_diffusion.run, &varmap)?;
     let (mean, logvar) = encode_all(&vae.vae, &cache, &req.device, req.progress)?;
     let objective = DiffusionObjective {

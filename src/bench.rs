@@ -1,0 +1,313 @@
+//! `cxrgen bench`: how fast a config samples and trains on this machine, with freshly initialised
+//! weights (speed does not depend on training). Sampling goes through the same code as
+//! `cxrgen generate`; a training step through the same loss, gradient checkpointing, precision
+//! and optimizer as `cxrgen train-diffusion`.
+//!
+//! The frozen text encoder is replaced by a one-layer random BERT of the same width: it runs once
+//! per prompt (sampling) or per micro-batch (training), not per denoising step, and the paper's
+//! BioBERT may not be on the machine.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde_json::json;
+
+use crate::config::{Config, Precision, RandomBertConfig, TextEncoderSource};
+use crate::device::DeviceChoice;
+use crate::diffusion::pipeline::Parts;
+use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
+use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
+use crate::rng::Rng;
+use crate::train::losses::diffusion_loss;
+use crate::train::optim::AdamW;
+use crate::train::stages::{
+    backward_with, checkpointing_for, compute_weights, init_diffusion_weights,
+};
+
+/// A report-like prompt of about 20 tokens.
+const PROMPT: &str = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax.";
+
+pub struct Request {
+    pub config: String,
+    pub device: DeviceChoice,
+    /// Sampling precision (None: F16 on CUDA, F32 on the CPU); training uses the config's on
+    /// CUDA and F32 on the CPU unless this is given.
+    pub precision: Option<Precision>,
+    pub batch_sizes: Vec<usize>,
+    /// The sampling steps the per-image figure assumes.
+    pub steps: usize,
+    /// Denoising steps timed per batch size.
+    pub repeats: usize,
+    /// Also time training steps of the diffusion stage.
+    pub train: bool,
+    pub json: bool,
+}
+
+/// Replaces a pretrained text encoder by a one-layer random BERT of the same width (768 when the
+/// config does not say): speed and device checks need no download.
+pub fn use_random_text_encoder(cfg: &mut Config) {
+    let hidden = cfg.text.hidden_size.unwrap_or(768);
+    if let TextEncoderSource::Pretrained(_) = cfg.text.encoder {
+        cfg.text.encoder = TextEncoderSource::Random(RandomBertConfig {
+            hidden_size: hidden,
+            layers: 1,
+            heads: (hidden / 64).max(1),
+            intermediate_size: 4 * hidden,
+            seed: 0,
+        });
+        cfg.text.hidden_size = Some(hidden);
+    }
+}
+
+/// Milliseconds `f` takes, up to the moment `device` has finished its work.
+fn time<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    device.synchronize()?;
+    let t0 = Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    Ok((out, t0.elapsed().as_secs_f64() * 1e3))
+}
+
+pub fn run(req: &Request) -> Result<ExitCode> {
+    if req.batch_sizes.is_empty()
+        || req.batch_sizes.contains(&0)
+        || req.repeats == 0
+        || req.steps == 0
+    {
+        anyhow::bail!("--batch-sizes must each be ≥ 1, --repeats and --steps ≥ 1");
+    }
+    let mut cfg = Config::load(&req.config)?;
+    use_random_text_encoder(&mut cfg);
+    let device = crate::device::open(req.device)?;
+    let precision = req.precision.unwrap_or(if device.is_cuda() {
+        Precision::F16
+    } else {
+        Precision::F32
+    });
+    if precision == Precision::Bf16 && device.is_cpu() {
+        anyhow::bail!(
+            "--precision bf16 cannot run on the CPU (candle has no BF16 convolution there)"
+        );
+    }
+
+    let text = TextEncoder::load(&cfg.text, &device)?;
+    let (ldm, vae_weights) = (VarMap::new(), VarMap::new());
+    init_diffusion_weights(&cfg, &text, &ldm, 1, &device)?;
+    Vae::new(&cfg.vae, seeded_var_builder(&vae_weights, 2, &device))?;
+
+    let header = format!(
+        "config {}, device {}, precision {} ({} U-Net and text-head parameters)",
+        req.config,
+        crate::device::name(&device),
+        format!("{precision:?}").to_lowercase(),
+        crate::model::count_params(&ldm)
+    );
+    let sampling = sampling_rows(req, &cfg, &device, precision, &ldm, &vae_weights, &text)?;
+    let training = if req.train {
+        Some(training_row(req, &cfg, &device, &ldm, &text)?)
+    } else {
+        None
+    };
+    let mut out = std::io::stdout().lock();
+    if req.json {
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "config": req.config, "device": crate::device::name(&device),
+                "precision": format!("{precision:?}").to_lowercase(),
+                "image_size": cfg.data.image_size, "sampling_steps": req.steps,
+                "sampling": sampling, "training": training,
+            })
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "# cxrgen bench: {header}")?;
+    writeln!(
+        out,
+        "sampling: DDIM, guidance (2 U-Net passes per image and step), {}×{} images",
+        cfg.data.image_size, cfg.data.image_size
+    )?;
+    writeln!(
+        out,
+        "{:>6} {:>10} {:>14} {:>12} {:>10} {:>12}",
+        "batch",
+        "ms/step",
+        "decode ms/img",
+        format!("ms/img@{}", req.steps),
+        "img/s",
+        "peak MiB"
+    )?;
+    for r in &sampling {
+        writeln!(
+            out,
+            "{:>6} {:>10.1} {:>14.1} {:>12.1} {:>10.2} {:>12}",
+            r["batch"].as_u64().unwrap_or(0),
+            r["ms_per_step"].as_f64().unwrap_or(f64::NAN),
+            r["decode_ms_per_image"].as_f64().unwrap_or(f64::NAN),
+            r["ms_per_image"].as_f64().unwrap_or(f64::NAN),
+            r["images_per_s"].as_f64().unwrap_or(f64::NAN),
+            r["peak_mib"]
+                .as_f64()
+                .map_or("n/a".into(), |m| format!("{m:.0}")),
+        )?;
+    }
+    if let Some(t) = training {
+        writeln!(
+            out,
+            "training: batch {} × accumulation {}, checkpointing {}, {}: {:.1} ms per micro-batch, {:.1} ms per optimizer step, peak {} MiB",
+            t["batch"], t["accumulation"], t["checkpointing"], t["precision"].as_str().unwrap_or("?"),
+            t["ms_per_micro_batch"].as_f64().unwrap_or(f64::NAN),
+            t["ms_per_optimizer_step"].as_f64().unwrap_or(f64::NAN),
+            t["peak_mib"].as_f64().map_or("n/a".into(), |m| format!("{m:.0}")),
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Per batch size: the time of `repeats` denoising steps, and of decoding their latents.
+fn sampling_rows(
+    req: &Request,
+    cfg: &Config,
+    device: &Device,
+    precision: Precision,
+    ldm: &VarMap,
+    vae_weights: &VarMap,
+    text: &TextEncoder,
+) -> Result<Vec<serde_json::Value>> {
+    let (unet, head) = diffusion_networks(
+        cfg,
+        text.hidden_size(),
+        compute_weights(ldm, precision.dtype(), device),
+    )?;
+    let vae = Vae::new(&cfg.vae, compute_weights(vae_weights, DType::F32, device))?;
+    let vae_half = match precision {
+        Precision::F32 => None,
+        p => Some(Vae::new(
+            &cfg.vae,
+            compute_weights(vae_weights, p.dtype(), device),
+        )?),
+    };
+    let parts = Parts {
+        config: cfg,
+        unet: &unet,
+        head: &head,
+        text,
+        vae: &vae,
+        vae_half: vae_half.as_ref(),
+        latent_scale: 1.0,
+        latent_range: Some((-4.0, 4.0)),
+        device,
+    };
+    let cond = parts.condition(PROMPT, "")?;
+    let opts = |steps| SamplerOptions {
+        kind: SamplerKind::Ddim,
+        steps,
+        eta: 0.0,
+    };
+    let mut rows = Vec::new();
+    for &b in &req.batch_sizes {
+        let seeds: Vec<u64> = (0..b as u64).collect();
+        // Warm-up: kernels compiled, memory pools filled.
+        parts.sample(&cond, &seeds, &opts(1), 3.0, &mut |_| {})?;
+        crate::device::reset_peak(device);
+        let (latents, denoise) = time(device, || {
+            parts.denoise(&cond, &seeds, &opts(req.repeats), 3.0, &mut |_| {})
+        })?;
+        let (_, decode) = time(device, || parts.decode_images(&latents))?;
+        let step = denoise / req.repeats as f64;
+        let decode = decode / b as f64;
+        let per_image = (req.steps as f64 * step) / b as f64 + decode;
+        rows.push(json!({
+            "batch": b, "ms_per_step": step, "decode_ms_per_image": decode,
+            "ms_per_image": per_image, "images_per_s": 1e3 / per_image,
+            "peak_mib": crate::device::peak_memory_mib(device),
+        }));
+    }
+    Ok(rows)
+}
+
+/// Training steps of the diffusion stage at the config's batch size, accumulation, gradient
+/// checkpointing and precision, on random latents: the first is a warm-up, the next two timed.
+fn training_row(
+    req: &Request,
+    cfg: &Config,
+    device: &Device,
+    ldm: &VarMap,
+    text: &TextEncoder,
+) -> Result<serde_json::Value> {
+    let run = &cfg.train_diffusion.run;
+    let precision = req.precision.unwrap_or(if device.is_cuda() {
+        run.precision
+    } else {
+        Precision::F32
+    });
+    let ckpt = checkpointing_for(run, ldm)?;
+    let params = crate::train::trainer::named_params(ldm);
+    let mut optimizer = AdamW::new(params.clone(), &cfg.train_diffusion.optimizer)?;
+    let schedule = NoiseSchedule::new(&cfg.diffusion);
+    let (b, c, z) = (run.batch_size, cfg.vae.latent_channels, cfg.latent_size());
+    let mut rng = Rng::new(7);
+    let texts = vec![PROMPT; b];
+    let loss_scale = if precision.needs_loss_scaling() {
+        65536.0
+    } else {
+        1.0
+    };
+    let mut micro_batch = || -> Result<Vec<Tensor>> {
+        let vb = compute_weights(ldm, precision.dtype(), device);
+        let (mut unet, head) = diffusion_networks(cfg, text.hidden_size(), vb)?;
+        unet.set_checkpointing(ckpt.clone());
+        let latents = rng.randn((b, c, z, z), device)?;
+        let noise = rng.randn((b, c, z, z), device)?;
+        let t: Vec<usize> = (0..b).map(|_| rng.below(schedule.timesteps())).collect();
+        let (hidden, mask) = text.encode(&texts, device)?;
+        let loss = diffusion_loss(
+            &unet, &head, &schedule, &latents, &t, &noise, &hidden, &mask,
+        )?;
+        let grads = backward_with(&(loss * loss_scale)?, ckpt.as_ref())?;
+        params
+            .iter()
+            .map(|(_, v)| {
+                Ok(match grads.get(v.as_tensor()) {
+                    Some(g) => (g.detach() / loss_scale)?,
+                    None => v.as_tensor().zeros_like()?,
+                })
+            })
+            .collect()
+    };
+    let mut step = |optimizer: &mut AdamW| -> Result<()> {
+        let mut acc: Option<Vec<Tensor>> = None;
+        for _ in 0..run.grad_accumulation {
+            let g = micro_batch()?;
+            acc = Some(match acc {
+                None => g,
+                Some(a) => a
+                    .iter()
+                    .zip(&g)
+                    .map(|(x, y)| x + y)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        optimizer.step(&acc.expect("accumulation ≥ 1"), 1e-5)?;
+        Ok(())
+    };
+    step(&mut optimizer)?;
+    crate::device::reset_peak(device);
+    let (_, ms) = time(device, || {
+        step(&mut optimizer)?;
+        step(&mut optimizer)
+    })?;
+    let per_step = ms / 2.0;
+    Ok(json!({
+        "batch": b, "accumulation": run.grad_accumulation, "checkpointing": run.grad_checkpointing,
+        "precision": format!("{precision:?}").to_lowercase(),
+        "ms_per_optimizer_step": per_step,
+        "ms_per_micro_batch": per_step / run.grad_accumulation as f64,
+        "peak_mib": crate::device::peak_memory_mib(device),
+    }))
+}
