@@ -456,3 +456,53 @@ fn f16_training_scales_the_loss_and_resumes_with_its_scale() {
     );
     std::fs::remove_dir_all(run).unwrap();
 }
+
+#[test]
+fn a_disk_that_fills_up_while_checkpointing_is_a_clear_error_and_loses_nothing() {
+    let run = tmp("full-disk");
+    ok(train_vae(&run, &["--max-steps", "4"]));
+    let checkpoints = run.join("checkpoints");
+    let last = std::fs::read(checkpoints.join("last.json")).unwrap();
+    // A file-size limit (ulimit -f, in KiB) that the model file fits under and the optimizer
+    // state does not: writes fail part-way through a checkpoint as on a full disk. `trap ''
+    // XFSZ` makes the failing write an error (EFBIG) instead of a signal.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 400; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_cxrgen"))
+        .args(["train-vae", "--data", cache().to_str().unwrap()])
+        .args(["--resume", run.to_str().unwrap(), "--max-steps", "8"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("writing a checkpoint failed; the previous checkpoints are intact")
+            && err.contains("File too large"),
+        "{err}"
+    );
+    assert!(std::fs::read(checkpoints.join("last.json")).unwrap() == last);
+    let leftovers: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "half-written checkpoints left: {leftovers:?}"
+    );
+    // With room again, the run continues from its last checkpoint.
+    ok(cxrgen(&[
+        "train-vae",
+        "--data",
+        cache().to_str().unwrap(),
+        "--resume",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "8",
+    ]));
+    assert!(checkpoints
+        .join("step-00000008/model.safetensors")
+        .is_file());
+    std::fs::remove_dir_all(run).unwrap();
+}
