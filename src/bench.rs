@@ -44,6 +44,8 @@ pub struct Request {
     pub repeats: usize,
     /// Also time training steps of the diffusion stage.
     pub train: bool,
+    /// Also time convolution forward + backward: candle's own against ours.
+    pub kernels: bool,
     pub json: bool,
 }
 
@@ -112,6 +114,11 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     } else {
         None
     };
+    let kernels = if req.kernels {
+        Some(kernel_rows(&device, precision)?)
+    } else {
+        None
+    };
     let mut out = std::io::stdout().lock();
     if req.json {
         writeln!(
@@ -121,7 +128,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
                 "config": req.config, "device": crate::device::name(&device),
                 "precision": format!("{precision:?}").to_lowercase(),
                 "image_size": cfg.data.image_size, "sampling_steps": req.steps,
-                "sampling": sampling, "training": training,
+                "sampling": sampling, "training": training, "kernels": kernels,
             })
         )?;
         return Ok(ExitCode::SUCCESS);
@@ -166,7 +173,69 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             t["peak_mib"].as_f64().map_or("n/a".into(), |m| format!("{m:.0}")),
         )?;
     }
+    if let Some(rows) = kernels {
+        writeln!(out, "conv2d forward + backward, ms (candle's input gradient is conv_transpose2d, ours a convolution):")?;
+        writeln!(
+            out,
+            "{:<34} {:>10} {:>10} {:>8}",
+            "shape", "candle", "cxrgen", "speed-up"
+        )?;
+        for r in rows {
+            writeln!(
+                out,
+                "{:<34} {:>10.2} {:>10.2} {:>7.2}×",
+                r["shape"].as_str().unwrap_or(""),
+                r["candle_ms"].as_f64().unwrap_or(f64::NAN),
+                r["cxrgen_ms"].as_f64().unwrap_or(f64::NAN),
+                r["speedup"].as_f64().unwrap_or(f64::NAN),
+            )?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Stride-1 3×3 convolutions of the U-Net's and the VAE's sizes, forward and backward, through candle's
+/// `conv2d` and through [`crate::model::conv::conv2d`], alternately, in `precision`.
+fn kernel_rows(device: &Device, precision: Precision) -> Result<Vec<serde_json::Value>> {
+    let cases = [
+        (8, 48, 48, 32, 1),
+        (8, 96, 96, 16, 1),
+        (8, 192, 192, 8, 1),
+        (4, 64, 64, 128, 1),
+    ];
+    let mut rows = Vec::new();
+    let mut rng = Rng::new(3);
+    for (b, ci, co, hw, s) in cases {
+        let x = candle_core::Var::from_tensor(
+            &rng.randn((b, ci, hw, hw), device)?
+                .to_dtype(precision.dtype())?,
+        )?;
+        let w = candle_core::Var::from_tensor(
+            &(rng.randn((co, ci, 3, 3), device)? * 0.05)?.to_dtype(precision.dtype())?,
+        )?;
+        let run = |ours: bool| -> Result<()> {
+            let y = if ours {
+                crate::model::conv::conv2d(&x, &w, 1, s)?
+            } else {
+                x.conv2d(&w, 1, s, 1, 1)?
+            };
+            let grads = y.sqr()?.sum_all()?.backward()?;
+            drop(grads);
+            Ok(())
+        };
+        run(false)?;
+        run(true)?;
+        let (mut candle_ms, mut ours_ms) = (0.0, 0.0);
+        for _ in 0..3 {
+            candle_ms += time(device, || run(false))?.1 / 3.0;
+            ours_ms += time(device, || run(true))?.1 / 3.0;
+        }
+        rows.push(json!({
+            "shape": format!("{b}×{ci}×{hw}×{hw} → {co}, stride {s}"),
+            "candle_ms": candle_ms, "cxrgen_ms": ours_ms, "speedup": candle_ms / ours_ms,
+        }));
+    }
+    Ok(rows)
 }
 
 /// Per batch size: the time of `repeats` denoising steps, and of decoding their latents.
@@ -232,7 +301,7 @@ fn sampling_rows(
 }
 
 /// Training steps of the diffusion stage at the config's batch size, accumulation, gradient
-/// checkpointing and precision, on random latents: the first is a warm-up, the next two timed.
+/// checkpointing and precision, on random latents: one warm-up, then `repeats` timed.
 fn training_row(
     req: &Request,
     cfg: &Config,
@@ -299,10 +368,12 @@ fn training_row(
     step(&mut optimizer)?;
     crate::device::reset_peak(device);
     let (_, ms) = time(device, || {
-        step(&mut optimizer)?;
-        step(&mut optimizer)
+        for _ in 0..req.repeats {
+            step(&mut optimizer)?;
+        }
+        Ok(())
     })?;
-    let per_step = ms / 2.0;
+    let per_step = ms / req.repeats as f64;
     Ok(json!({
         "batch": b, "accumulation": run.grad_accumulation, "checkpointing": run.grad_checkpointing,
         "precision": format!("{precision:?}").to_lowercase(),

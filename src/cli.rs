@@ -86,13 +86,16 @@ struct BenchArgs {
     /// Sampling steps the per-image figure is for.
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// Denoising steps timed per batch size.
+    /// Denoising steps timed per batch size, and training steps timed with --train.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Also time optimizer steps of train-diffusion (the config's batch, accumulation,
     /// checkpointing and precision) and their peak memory.
     #[arg(long)]
     train: bool,
+    /// Also time 3×3 convolutions forward + backward, candle's own against cxrgen's.
+    #[arg(long)]
+    kernels: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -344,6 +347,7 @@ pub fn run() -> Result<ExitCode> {
             steps: a.steps,
             repeats: a.repeats,
             train: a.train,
+            kernels: a.kernels,
             json: a.json,
         }),
     }

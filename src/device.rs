@@ -97,9 +97,9 @@ pub fn name(device: &Device) -> String {
     }
 }
 
-/// Peak memory in MiB: on the CPU the process's peak resident set (Linux VmHWM, since the process
-/// started); on CUDA the high-water mark of memory allocated from the device's pool since the last
-/// [`reset_peak`] (what `torch.cuda.max_memory_allocated` reports).
+/// Peak memory in MiB since the last [`reset_peak`]: on the CPU the process's peak resident set
+/// (Linux VmHWM); on CUDA the high-water mark of memory allocated from the device's pool (what
+/// `torch.cuda.max_memory_allocated` reports).
 pub fn peak_memory_mib(device: &Device) -> Option<f64> {
     match device {
         Device::Cuda(_) => cuda::pool_high_water_mib(device),
@@ -107,10 +107,15 @@ pub fn peak_memory_mib(device: &Device) -> Option<f64> {
     }
 }
 
-/// Starts a new peak-memory window on CUDA; the CPU's peak RSS cannot be reset and keeps counting.
+/// Starts a new peak-memory window at the memory in use now.
 pub fn reset_peak(device: &Device) {
-    if let Device::Cuda(_) = device {
-        cuda::reset_pool_high_water(device);
+    match device {
+        Device::Cuda(_) => cuda::reset_pool_high_water(device),
+        // Linux ≥ 4.0 resets VmHWM to the current RSS on "5"; elsewhere the peak keeps counting
+        // from the start of the process.
+        _ => {
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+        }
     }
 }
 
@@ -214,7 +219,16 @@ mod tests {
     fn cpu_opens_and_reports_its_peak_memory() {
         let d = open(DeviceChoice::Cpu).unwrap();
         assert_eq!(name(&d), "cpu");
-        assert!(peak_memory_mib(&d).unwrap() > 0.0);
+        let block = vec![1u8; 256 << 20];
+        let high = peak_memory_mib(&d).unwrap();
+        assert!(high > 256.0, "{high}");
+        drop(std::hint::black_box(block));
+        reset_peak(&d);
+        let after = peak_memory_mib(&d).unwrap();
+        assert!(
+            after < high - 200.0,
+            "peak {high} MiB → {after} MiB after a reset"
+        );
     }
 
     #[cfg(not(feature = "cuda"))]

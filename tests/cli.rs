@@ -11,6 +11,16 @@ fn cxrgen(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The JSON object a successful command printed.
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn within(value: f64, target: f64, tolerance: f64) -> bool {
     (value / target - 1.0).abs() <= tolerance
 }
@@ -141,12 +151,7 @@ fn bench_reports_each_batch_size_and_a_training_step() {
         "--train",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json_of(&out);
     assert_eq!(v["device"], "cpu");
     let rows = v["sampling"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -180,12 +185,7 @@ fn check_device_compares_with_the_cpu() {
         "cpu",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json_of(&out);
     assert_eq!(v["ok"], true);
     let checks = v["checks"].as_array().unwrap();
     assert_eq!(checks.len(), 4);

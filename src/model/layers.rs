@@ -6,6 +6,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
 use super::affine::{add_bias, scale_shift};
+use super::conv::conv2d as conv2d_op;
 
 /// A 2-D convolution; the weight and the bias are cast to the input's dtype.
 #[derive(Debug, Clone)]
@@ -35,13 +36,10 @@ impl Module for Conv2d {
     /// [B, C_in, H, W] → [B, C_out, H', W'] in the input's dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let c = &self.config;
-        let y = xs.conv2d(
-            &self.weight.to_dtype(xs.dtype())?,
-            c.padding,
-            c.stride,
-            c.dilation,
-            c.groups,
-        )?;
+        if c.dilation != 1 || c.groups != 1 {
+            candle_core::bail!("Conv2d supports dilation 1 and one group, not {c:?}");
+        }
+        let y = conv2d_op(xs, &self.weight.to_dtype(xs.dtype())?, c.padding, c.stride)?;
         match &self.bias {
             Some(b) => add_bias(&y, b, 1),
             None => Ok(y),

@@ -3,6 +3,7 @@
 pub mod affine;
 pub mod attention;
 pub mod checkpointing;
+pub mod conv;
 pub mod init;
 pub mod layers;
 pub mod resnet;
