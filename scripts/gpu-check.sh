@@ -6,7 +6,8 @@
 #
 # (1) check-device on the tiny and the paper config: VAE, U-Net, one training step's gradients
 #     and a 10-step sample, CUDA against CPU;
-# (2) bench: DDIM-50 per image at 256×256, batch 1 and 8, in F16 and F32;
+# (2) bench: DDIM-50 per image at 256×256, batch 1 and 8, in F16 and F32; 3×3 convolutions
+#     forward + backward, candle's against cxrgen's;
 # (3) bench --train: the paper's training step (batch 4, accumulation 4) and its peak device
 #     memory with F16 / BF16 / F32 and with and without gradient checkpointing;
 # (4) the table, printed and written to $OUT/gpu-results.md (else target/gpu-check/), with the
@@ -47,6 +48,10 @@ for p in f16 f32; do
     run "sample-$p" 150 "$cxrgen" bench --config paper --device cuda --precision "$p" \
         --batch-sizes 1,8 --steps 50 --repeats 10 --json
 done
+
+# convolution forward + backward: candle's conv_transpose2d input gradient against ours
+run kernels 120 "$cxrgen" bench --config tiny --device cuda --precision f16 --batch-sizes 1 \
+    --repeats 1 --kernels --json
 
 # (3) training: the paper's run settings, each memory lever in turn
 lever() { # name, precision, checkpointing

@@ -20,6 +20,11 @@ for p in ["f16", "f32"]:
     for s in load(f"sample-{p}").get("sampling", []):
         print(f"| {p} | {s['batch']} | {fmt(s['ms_per_step'])} | {fmt(s['ms_per_image'])} | {fmt(s['images_per_s'], '{:.2f}')} | {fmt(s['peak_mib'], '{:.0f}')} |")
 print("\nThe paper: 663 ms per image (RTX 4060, DDIM-50).\n")
+print("## 3×3 convolution, forward + backward, F16 (`cxrgen bench --kernels`)\n")
+print("| shape | candle ms | cxrgen ms | speed-up |\n|---|---|---|---|")
+for k in load("kernels").get("kernels") or []:
+    print(f"| {k['shape']} | {fmt(k['candle_ms'], '{:.2f}')} | {fmt(k['cxrgen_ms'], '{:.2f}')} | {fmt(k['speedup'], '{:.2f}')}× |")
+print()
 print("## Training: the paper's step, batch 4 × accumulation 4 (`cxrgen bench --train`)\n")
 print("| precision | checkpointing | ms per optimizer step | peak device MiB |\n|---|---|---|---|")
 for lever in ["f16-ckpt", "bf16-ckpt", "f32-ckpt", "f16-plain", "f32-plain"]:
