@@ -330,3 +330,42 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{diffusion_networks, seeded_var_builder};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn batched_guidance_equals_one_pass_per_image() -> Result<()> {
+        // CUDA samples a batch in one U-Net pass, the CPU image by image: same ε̂ up to rounding.
+        let cfg = Config::load("tiny")?;
+        let dev = Device::Cpu;
+        let text = TextEncoder::load(&cfg.text, &dev)?;
+        let (unet, head) = diffusion_networks(
+            &cfg,
+            text.hidden_size(),
+            seeded_var_builder(&VarMap::new(), 4, &dev),
+        )?;
+        let (hidden, mask) = text.encode(&["Cardiomegaly.", ""], &dev)?;
+        let z = cfg.latent_size();
+        let x = Tensor::randn(0f32, 1., (3, cfg.vae.latent_channels, z, z), &dev)?;
+        for guidance in [1.0, 3.0] {
+            let eps = |per_image| {
+                Guided {
+                    unet: &unet,
+                    context: head.forward(&hidden)?,
+                    bias: padding_bias(&mask)?,
+                    guidance,
+                    per_image,
+                }
+                .eps(&x, 500)
+            };
+            let (a, b) = (eps(true)?, eps(false)?);
+            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-4, "guidance {guidance}: {d}");
+        }
+        Ok(())
+    }
+}
