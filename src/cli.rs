@@ -269,6 +269,11 @@ struct GenerateArgs {
     /// Sample with the raw weights instead of their EMA.
     #[arg(long)]
     no_ema: bool,
+    /// Do not clip each step's clean-latent estimate to the training latents' range (clipping
+    /// keeps under-trained models from drifting, but makes the trajectory non-smooth, which
+    /// costs DPM-Solver++ its higher order; docs/generation.md).
+    #[arg(long)]
+    no_clip: bool,
     /// One JSON object per image on stdout (path, prompt, seed, sampler, steps, guidance).
     #[arg(long)]
     json: bool,
@@ -384,6 +389,7 @@ fn generate_request(a: GenerateArgs) -> crate::generate::Request {
         },
         precision: a.precision.map(Into::into),
         ema: !a.no_ema,
+        clip: !a.no_clip,
         json: a.json,
         progress: std::io::stderr().is_terminal(),
         device: a.device,

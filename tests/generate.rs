@@ -137,6 +137,7 @@ fn pngs_say_what_they_are() {
         "SYNTHETIC IMAGE - NOT FOR DIAGNOSTIC USE"
     );
     assert_eq!(text["checkpoint_sha256"].len(), 64);
+    assert_eq!(text["clip_x0"], "true");
     let img = image::open(&path).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
     assert!(matches!(img, image::DynamicImage::ImageLuma16(_)));

@@ -65,6 +65,8 @@ pub struct Request {
     pub device: crate::device::DeviceChoice,
     /// None: F16 on CUDA, F32 on the CPU.
     pub precision: Option<Precision>,
+    /// Clip the clean-latent estimates to the training latents' range (the default).
+    pub clip: bool,
 }
 
 fn validate(req: &Request) -> Result<()> {
@@ -215,7 +217,10 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     };
     let (date, time) = dicom::utc_now();
     let (study_uid, series_uid) = (dicom::new_uid("study"), dicom::new_uid("series"));
-    let parts = pipeline.parts();
+    let mut parts = pipeline.parts();
+    if !req.clip {
+        parts.latent_range = None;
+    }
     let mut stdout = std::io::stdout().lock();
     let mut written = 0usize;
     // Targets of one prompt are consecutive: encode each prompt once, sample its images in batches.
@@ -242,6 +247,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
                     ("checkpoint_sha256", pipeline.weights_sha256.clone()),
                     ("weights", if req.ema { "ema" } else { "raw" }.to_string()),
                     ("precision", format!("{precision:?}").to_lowercase()),
+                    ("clip_x0", req.clip.to_string()),
                     ("software", format!("cxrgen {}", env!("CARGO_PKG_VERSION"))),
                     ("Disclaimer", SYNTHETIC_NOTICE.to_string()),
                 ];
