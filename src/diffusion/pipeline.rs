@@ -79,7 +79,18 @@ impl Parts<'_> {
         guidance: f64,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Vec<Vec<f32>>> {
-        self.decode_images(&self.denoise(cond, seeds, opts, guidance, on_step)?)
+        let latents = self.denoise(cond, seeds, opts, guidance, on_step)?;
+        // A NaN or infinity anywhere would decode to a flat or garbage image: refuse instead.
+        let total = latents
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if !total.is_finite() {
+            bail!(
+                "sampling produced non-finite latents (seeds {seeds:?}); in F16 the U-Net can overflow: try --precision bf16 or f32"
+            );
+        }
+        self.decode_images(&latents)
     }
 
     /// The sampled latents, one per seed: [B, C, h, w] in the diffusion model's scale.
@@ -366,6 +377,48 @@ mod tests {
             let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(d < 1e-4, "guidance {guidance}: {d}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn non_finite_latents_are_an_error_not_an_image() -> Result<()> {
+        let cfg = Config::load("tiny")?;
+        let dev = Device::Cpu;
+        let text = TextEncoder::load(&cfg.text, &dev)?;
+        let weights = VarMap::new();
+        let (unet, head) = diffusion_networks(
+            &cfg,
+            text.hidden_size(),
+            seeded_var_builder(&weights, 4, &dev),
+        )?;
+        let vae = Vae::new(&cfg.vae, seeded_var_builder(&VarMap::new(), 5, &dev))?;
+        // An overflowed output layer, as F16 can produce.
+        let bias = weights.data().lock().unwrap()["unet.conv_out.bias"].clone();
+        bias.set(&Tensor::full(f32::NAN, bias.shape(), &dev)?)?;
+        let parts = Parts {
+            config: &cfg,
+            unet: &unet,
+            head: &head,
+            text: &text,
+            vae: &vae,
+            vae_half: None,
+            latent_scale: 1.0,
+            latent_range: None,
+            device: &dev,
+        };
+        let opts = SamplerOptions {
+            kind: super::super::SamplerKind::Ddim,
+            steps: 2,
+            eta: 0.0,
+        };
+        let e = parts
+            .generate("Cardiomegaly.", "", &[0], &opts, 3.0, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("non-finite latents") && e.contains("--precision"),
+            "{e}"
+        );
         Ok(())
     }
 }
