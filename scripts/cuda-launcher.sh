@@ -36,6 +36,8 @@ for lib in "${runtime_libs[@]}"; do
         found=$(find "$root" -name "$lib" -print -quit 2>/dev/null || true)
         [[ -n $found ]] && break
     done
+    # Last resort: the whole file system (a PyTorch environment in an unusual place).
+    [[ -n $found ]] || found=$(find / -xdev -name "$lib" -not -path '*/stubs/*' -print -quit 2>/dev/null || true)
     if [[ -n $found ]]; then
         export LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     else
