@@ -11,7 +11,8 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
@@ -20,13 +21,16 @@ use crate::config::{Config, Precision, RandomBertConfig, TextEncoderSource};
 use crate::device::DeviceChoice;
 use crate::diffusion::pipeline::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
+use crate::model::checkpointing::GradCheckpoint;
 use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
 use crate::train::losses::diffusion_loss;
-use crate::train::optim::AdamW;
+use crate::train::optim::{clip_to, global_norm, AdamW};
+use crate::train::scaler::INITIAL_SCALE;
 use crate::train::stages::{
     backward_with, checkpointing_for, compute_weights, init_diffusion_weights,
 };
+use crate::train::trainer::{accumulate, named_params, CheckpointExtras, Loss, Objective};
 
 /// A report-like prompt of about 20 tokens.
 const PROMPT: &str = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax.";
@@ -85,16 +89,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     let mut cfg = Config::load(&req.config)?;
     use_random_text_encoder(&mut cfg);
     let device = crate::device::open(req.device)?;
-    let precision = req.precision.unwrap_or(if device.is_cuda() {
-        Precision::F16
-    } else {
-        Precision::F32
-    });
-    if precision == Precision::Bf16 && device.is_cpu() {
-        anyhow::bail!(
-            "--precision bf16 cannot run on the CPU (candle has no BF16 convolution there)"
-        );
-    }
+    let precision = crate::device::precision_on(&device, req.precision, Precision::F16)?;
 
     let text = TextEncoder::load(&cfg.text, &device)?;
     let (ldm, vae_weights) = (VarMap::new(), VarMap::new());
@@ -300,8 +295,68 @@ fn sampling_rows(
     Ok(rows)
 }
 
-/// Training steps of the diffusion stage at the config's batch size, accumulation, gradient
-/// checkpointing and precision, on random latents: one warm-up, then `repeats` timed.
+/// train-diffusion's loss on random latents and timesteps: the trainer's path without a dataset.
+struct RandomLatents<'a> {
+    cfg: &'a Config,
+    text: &'a TextEncoder,
+    ldm: &'a VarMap,
+    device: &'a Device,
+    precision: Precision,
+    checkpoint: Option<GradCheckpoint>,
+    schedule: NoiseSchedule,
+}
+
+impl Objective for RandomLatents<'_> {
+    fn stage(&self) -> &'static str {
+        "diffusion"
+    }
+
+    fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
+        let (b, c, z) = (
+            indices.len(),
+            self.cfg.vae.latent_channels,
+            self.cfg.latent_size(),
+        );
+        let vb = compute_weights(self.ldm, self.precision.dtype(), self.device);
+        let (mut unet, head) = diffusion_networks(self.cfg, self.text.hidden_size(), vb)?;
+        unet.set_checkpointing(self.checkpoint.clone());
+        let latents = rng.randn((b, c, z, z), self.device)?;
+        let noise = rng.randn((b, c, z, z), self.device)?;
+        let t: Vec<usize> = (0..b)
+            .map(|_| rng.below(self.schedule.timesteps()))
+            .collect();
+        let (hidden, mask) = self.text.encode(&vec![PROMPT; b], self.device)?;
+        let total = diffusion_loss(
+            &unet,
+            &head,
+            &self.schedule,
+            &latents,
+            &t,
+            &noise,
+            &hidden,
+            &mask,
+        )?;
+        Ok(Loss {
+            total,
+            parts: vec![],
+        })
+    }
+
+    fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
+        Ok(CheckpointExtras {
+            files: vec![],
+            meta: serde_json::Value::Null,
+        })
+    }
+
+    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        backward_with(loss, self.checkpoint.as_ref())
+    }
+}
+
+/// Optimizer steps of train-diffusion at the config's batch size, accumulation, gradient
+/// checkpointing and precision, through the trainer's accumulation, clipping and AdamW, on random
+/// latents: one warm-up, then `repeats` timed.
 fn training_row(
     req: &Request,
     cfg: &Config,
@@ -310,59 +365,31 @@ fn training_row(
     text: &TextEncoder,
 ) -> Result<serde_json::Value> {
     let run = &cfg.train_diffusion.run;
-    let precision = req.precision.unwrap_or(if device.is_cuda() {
-        run.precision
-    } else {
-        Precision::F32
-    });
-    let ckpt = checkpointing_for(run, ldm)?;
-    let params = crate::train::trainer::named_params(ldm);
+    let precision = crate::device::precision_on(device, req.precision, run.precision)?;
+    let objective = RandomLatents {
+        cfg,
+        text,
+        ldm,
+        device,
+        precision,
+        checkpoint: checkpointing_for(run, ldm)?,
+        schedule: NoiseSchedule::new(&cfg.diffusion),
+    };
+    let params = named_params(ldm);
     let mut optimizer = AdamW::new(params.clone(), &cfg.train_diffusion.optimizer)?;
-    let schedule = NoiseSchedule::new(&cfg.diffusion);
-    let (b, c, z) = (run.batch_size, cfg.vae.latent_channels, cfg.latent_size());
-    let mut rng = Rng::new(7);
-    let texts = vec![PROMPT; b];
+    let batches = vec![(0..run.batch_size).collect::<Vec<usize>>(); run.grad_accumulation];
     let loss_scale = if precision.needs_loss_scaling() {
-        65536.0
+        INITIAL_SCALE
     } else {
         1.0
     };
-    let mut micro_batch = || -> Result<Vec<Tensor>> {
-        let vb = compute_weights(ldm, precision.dtype(), device);
-        let (mut unet, head) = diffusion_networks(cfg, text.hidden_size(), vb)?;
-        unet.set_checkpointing(ckpt.clone());
-        let latents = rng.randn((b, c, z, z), device)?;
-        let noise = rng.randn((b, c, z, z), device)?;
-        let t: Vec<usize> = (0..b).map(|_| rng.below(schedule.timesteps())).collect();
-        let (hidden, mask) = text.encode(&texts, device)?;
-        let loss = diffusion_loss(
-            &unet, &head, &schedule, &latents, &t, &noise, &hidden, &mask,
-        )?;
-        let grads = backward_with(&(loss * loss_scale)?, ckpt.as_ref())?;
-        params
-            .iter()
-            .map(|(_, v)| {
-                Ok(match grads.get(v.as_tensor()) {
-                    Some(g) => (g.detach() / loss_scale)?,
-                    None => v.as_tensor().zeros_like()?,
-                })
-            })
-            .collect()
-    };
+    let mut rng = Rng::new(7);
     let mut step = |optimizer: &mut AdamW| -> Result<()> {
-        let mut acc: Option<Vec<Tensor>> = None;
-        for _ in 0..run.grad_accumulation {
-            let g = micro_batch()?;
-            acc = Some(match acc {
-                None => g,
-                Some(a) => a
-                    .iter()
-                    .zip(&g)
-                    .map(|(x, y)| x + y)
-                    .collect::<candle_core::Result<_>>()?,
-            });
-        }
-        optimizer.step(&acc.expect("accumulation ≥ 1"), 1e-5)?;
+        let (mut grads, _) = accumulate(&objective, &params, &batches, &mut rng, loss_scale)?
+            .context("a non-finite loss on random latents")?;
+        let norm = global_norm(&grads)?;
+        clip_to(&mut grads, norm, cfg.train_diffusion.optimizer.grad_clip)?;
+        optimizer.step(&grads, cfg.train_diffusion.optimizer.lr)?;
         Ok(())
     };
     step(&mut optimizer)?;
@@ -375,7 +402,8 @@ fn training_row(
     })?;
     let per_step = ms / req.repeats as f64;
     Ok(json!({
-        "batch": b, "accumulation": run.grad_accumulation, "checkpointing": run.grad_checkpointing,
+        "batch": run.batch_size, "accumulation": run.grad_accumulation,
+        "checkpointing": run.grad_checkpointing,
         "precision": format!("{precision:?}").to_lowercase(),
         "ms_per_optimizer_step": per_step,
         "ms_per_micro_batch": per_step / run.grad_accumulation as f64,

@@ -6,6 +6,8 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
+use crate::config::Precision;
+
 /// A `--device` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
@@ -83,6 +85,24 @@ fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
         candle_core::Error::WithBacktrace { inner, .. } => *inner,
         other => other,
     }
+}
+
+/// The precision to compute in on `device`: `requested` when given, else `on_cuda` on CUDA and
+/// F32 on the CPU. BF16 cannot run on the CPU: candle has no BF16 convolution there.
+pub fn precision_on(
+    device: &Device,
+    requested: Option<Precision>,
+    on_cuda: Precision,
+) -> Result<Precision> {
+    let p = requested.unwrap_or(if device.is_cuda() {
+        on_cuda
+    } else {
+        Precision::F32
+    });
+    if p == Precision::Bf16 && device.is_cpu() {
+        bail!("precision bf16 cannot run on the CPU (candle has no BF16 convolution there): use f32, or --device cuda");
+    }
+    Ok(p)
 }
 
 /// `cpu` or `cuda:N`, for logs and JSON.

@@ -117,19 +117,6 @@ fn prepare_out(req: &Request) -> Result<()> {
     Ok(())
 }
 
-/// The precision sampling runs in: the request's, else F16 on CUDA and F32 on the CPU.
-fn precision_for(req: Option<Precision>, device: &candle_core::Device) -> Result<Precision> {
-    let p = req.unwrap_or(if device.is_cuda() {
-        Precision::F16
-    } else {
-        Precision::F32
-    });
-    if p == Precision::Bf16 && device.is_cpu() {
-        bail!("--precision bf16 cannot run on the CPU (candle has no BF16 convolution there): use f32");
-    }
-    Ok(p)
-}
-
 /// One image to write: its prompt, seed and file.
 struct Target<'a> {
     job: &'a prompts::Job,
@@ -149,7 +136,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         Prompts::File(path) => prompts::read(path, req.n, req.seed, req.unconditional)?,
     };
     let device = crate::device::open(req.device)?;
-    let precision = precision_for(req.precision, &device)?;
+    let precision = crate::device::precision_on(&device, req.precision, Precision::F16)?;
     let pipeline = Pipeline::load(&req.checkpoint, req.ema, &device, precision)?;
     let t_max = pipeline.config.diffusion.timesteps;
     if req.sampler.steps > t_max {

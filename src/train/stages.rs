@@ -47,21 +47,13 @@ pub struct RunRequest {
 
 /// The precision a stage computes in on `req.device` (master weights are always F32).
 fn run_precision(req: &RunRequest, run: &RunConfig, stage: &str) -> Result<Precision> {
-    let p = match req.precision {
-        Some(p) => p,
-        None if req.device.is_cpu() && run.precision != Precision::F32 => {
-            eprintln!(
-                "{stage}.run.precision = {:?} applies on CUDA; the CPU trains in F32",
-                run.precision
-            );
-            Precision::F32
-        }
-        None => run.precision,
-    };
-    if p == Precision::Bf16 && req.device.is_cpu() {
-        bail!("precision bf16 cannot run on the CPU (candle has no BF16 convolution there): use f32, or --device cuda");
+    if req.precision.is_none() && req.device.is_cpu() && run.precision != Precision::F32 {
+        eprintln!(
+            "{stage}.run.precision = {:?} applies on CUDA; the CPU trains in F32",
+            run.precision
+        );
     }
-    Ok(p)
+    crate::device::precision_on(&req.device, req.precision, run.precision)
 }
 
 /// The master weights in `varmap` cast to `dtype`, as the VarBuilder a micro-batch builds its
