@@ -102,13 +102,7 @@ impl Parts<'_> {
         guidance: f64,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Tensor> {
-        let mut guided = Guided {
-            unet: self.unet,
-            context: cond.context.clone(),
-            bias: cond.bias.clone(),
-            guidance,
-            per_image: self.device.is_cpu(),
-        };
+        let mut guided = Guided::new(self.unet, cond, guidance, self.device.is_cpu(), seeds.len())?;
         let c = self.config.vae.latent_channels;
         let z = self.config.latent_size();
         let mut noise = ImageNoise::new(seeds, (c, z, z), self.device);
@@ -182,6 +176,37 @@ struct Guided<'a> {
     /// One forward pass per image (the CPU, where images must not depend on the batch), or one
     /// for the whole batch (CUDA, where batching is the speed).
     per_image: bool,
+    /// For whole-batch passes: the context and bias repeated for the batch, [2B, T, D] and
+    /// [2B, 1, T], laid out once rather than at every step.
+    batched: Option<(Tensor, Tensor)>,
+}
+
+impl<'a> Guided<'a> {
+    /// `batch`: the images each [`Denoiser::eps`] call gets.
+    fn new(
+        unet: &'a UNet,
+        cond: &Conditioning,
+        guidance: f64,
+        per_image: bool,
+        batch: usize,
+    ) -> candle_core::Result<Self> {
+        let batched = if per_image || batch == 1 {
+            None
+        } else {
+            Some((
+                repeat_rows(&cond.context, batch)?,
+                repeat_rows(&cond.bias, batch)?,
+            ))
+        };
+        Ok(Self {
+            unet,
+            context: cond.context.clone(),
+            bias: cond.bias.clone(),
+            guidance,
+            per_image,
+            batched,
+        })
+    }
 }
 
 impl Guided<'_> {
@@ -205,42 +230,40 @@ impl Guided<'_> {
 }
 
 impl Guided<'_> {
-    /// ε̂ for a batch `x` [B, C, h, w] in one forward pass of 2B (conditional, then unconditional).
+    /// ε̂ for a batch `x` [B, C, h, w] in one forward pass of 2B (conditional, then
+    /// unconditional), with the contexts laid out by [`Guided::new`].
     fn eps_batch(&self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
         let b = x.dim(0)?;
-        if b == 1 {
+        let Some((ctx, bias)) = self.batched.as_ref().filter(|(c, _)| c.dims()[0] == 2 * b) else {
             return self.eps_one(x, t);
-        }
-        let repeat = |c: &Tensor| -> candle_core::Result<Tensor> {
-            let (cond, uncond) = (c.narrow(0, 0, 1)?, c.narrow(0, 1, 1)?);
-            let shape_c: Vec<usize> = std::iter::once(b)
-                .chain(cond.dims()[1..].iter().copied())
-                .collect();
-            Tensor::cat(
-                &[
-                    cond.broadcast_as(shape_c.clone())?,
-                    uncond.broadcast_as(shape_c)?,
-                ],
-                0,
-            )?
-            .contiguous()
         };
         if self.guidance == 1.0 {
             let ts = Tensor::full(t as f32, b, x.device())?;
-            let ctx = repeat(&self.context)?.narrow(0, 0, b)?;
-            let bias = repeat(&self.bias)?.narrow(0, 0, b)?;
-            return self.unet.forward(x, &ts, &ctx, Some(&bias));
+            return self
+                .unet
+                .forward(x, &ts, &ctx.narrow(0, 0, b)?, Some(&bias.narrow(0, 0, b)?));
         }
         let ts = Tensor::full(t as f32, 2 * b, x.device())?;
-        let eps = self.unet.forward(
-            &Tensor::cat(&[x, x], 0)?,
-            &ts,
-            &repeat(&self.context)?,
-            Some(&repeat(&self.bias)?),
-        )?;
+        let eps = self
+            .unet
+            .forward(&Tensor::cat(&[x, x], 0)?, &ts, ctx, Some(bias))?;
         let (c, u) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
         &u + ((c - &u)? * self.guidance)?
     }
+}
+
+/// [2, ...] → [2b, ...]: b copies of the first row, then b of the second.
+fn repeat_rows(t: &Tensor, b: usize) -> candle_core::Result<Tensor> {
+    let mut shape = t.dims().to_vec();
+    shape[0] = b;
+    Tensor::cat(
+        &[
+            t.narrow(0, 0, 1)?.broadcast_as(shape.clone())?,
+            t.narrow(0, 1, 1)?.broadcast_as(shape)?,
+        ],
+        0,
+    )?
+    .contiguous()
 }
 
 impl Denoiser for Guided<'_> {
@@ -363,16 +386,11 @@ mod tests {
         let z = cfg.latent_size();
         let x = Tensor::randn(0f32, 1., (3, cfg.vae.latent_channels, z, z), &dev)?;
         for guidance in [1.0, 3.0] {
-            let eps = |per_image| {
-                Guided {
-                    unet: &unet,
-                    context: head.forward(&hidden)?,
-                    bias: padding_bias(&mask)?,
-                    guidance,
-                    per_image,
-                }
-                .eps(&x, 500)
+            let cond = Conditioning {
+                context: head.forward(&hidden)?,
+                bias: padding_bias(&mask)?,
             };
+            let eps = |per_image| Guided::new(&unet, &cond, guidance, per_image, 3)?.eps(&x, 500);
             let (a, b) = (eps(true)?, eps(false)?);
             let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(d < 1e-4, "guidance {guidance}: {d}");
