@@ -57,6 +57,27 @@ fn cache() -> &'static Path {
     })
 }
 
+/// Fresh weights (seed 1) of the tiny config's VAE.
+fn tiny_vae_weights() -> VarMap {
+    let varmap = VarMap::new();
+    let cfg = Config::load("tiny").unwrap();
+    Vae::new(&cfg.vae, seeded_var_builder(&varmap, 1, &Device::Cpu)).unwrap();
+    varmap
+}
+
+/// The tiny config's VAE objective on `cache`, training the weights in `varmap`.
+fn vae_objective<'a>(cache: &'a Cache, varmap: &VarMap) -> VaeObjective<'a> {
+    let cfg = Config::load("tiny").unwrap();
+    VaeObjective::new(
+        &cfg.vae,
+        varmap,
+        cache,
+        cfg.train_vae.kl_weight,
+        Device::Cpu,
+        vec![],
+    )
+}
+
 fn metric_series(run: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -146,18 +167,8 @@ fn vae_and_diffusion_losses_fall_by_half() {
 
 #[test]
 fn accumulated_micro_batches_equal_one_large_batch() {
-    let cfg = Config::load("tiny").unwrap();
-    let cache = Cache::open(cache()).unwrap();
-    let (varmap, dev) = (VarMap::new(), Device::Cpu);
-    Vae::new(&cfg.vae, seeded_var_builder(&varmap, 1, &dev)).unwrap();
-    let objective = VaeObjective::new(
-        &cfg.vae,
-        &varmap,
-        &cache,
-        cfg.train_vae.kl_weight,
-        dev,
-        vec![],
-    );
+    let (cache, varmap) = (Cache::open(cache()).unwrap(), tiny_vae_weights());
+    let objective = vae_objective(&cache, &varmap);
     let params = named_params(&varmap);
     let idx: Vec<usize> = (0..8).collect();
     let (big, _) = accumulate(
@@ -363,22 +374,11 @@ fn metric_series_len(run: &Path) -> usize {
 fn f16_gradients_reach_the_f32_master_weights_and_match_f32() {
     // Mixed precision as CUDA runs it, on the CPU (emulated F16): casts of the F32 master weights,
     // statistics in F32, the loss scaled up for the backward pass and the gradients scaled down.
-    let cfg = Config::load("tiny").unwrap();
-    let cache = Cache::open(cache()).unwrap();
-    let (varmap, dev) = (VarMap::new(), Device::Cpu);
-    Vae::new(&cfg.vae, seeded_var_builder(&varmap, 1, &dev)).unwrap();
+    let (cache, varmap) = (Cache::open(cache()).unwrap(), tiny_vae_weights());
     let params = named_params(&varmap);
     let batch = vec![(0..4).collect::<Vec<usize>>()];
     let grads = |precision, scale| {
-        let objective = VaeObjective::new(
-            &cfg.vae,
-            &varmap,
-            &cache,
-            cfg.train_vae.kl_weight,
-            dev.clone(),
-            vec![],
-        )
-        .with_precision(precision);
+        let objective = vae_objective(&cache, &varmap).with_precision(precision);
         accumulate(&objective, &params, &batch, &mut Rng::new(9), scale)
             .unwrap()
             .expect("finite loss")
