@@ -169,7 +169,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         )?;
     }
     if let Some(rows) = kernels {
-        writeln!(out, "conv2d forward + backward, ms (candle's input gradient is conv_transpose2d, ours a convolution):")?;
+        writeln!(out, "conv2d forward + backward, ms (candle's input gradient is conv_transpose2d, ours convolutions):")?;
         writeln!(
             out,
             "{:<34} {:>10} {:>10} {:>8}",
@@ -189,7 +189,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Stride-1 3×3 convolutions of the U-Net's and the VAE's sizes, forward and backward, through candle's
+/// 3×3 convolutions of the U-Net's and the VAE's sizes, forward and backward, through candle's
 /// `conv2d` and through [`crate::model::conv::conv2d`], alternately, in `precision`.
 fn kernel_rows(device: &Device, precision: Precision) -> Result<Vec<serde_json::Value>> {
     let cases = [
@@ -197,6 +197,8 @@ fn kernel_rows(device: &Device, precision: Precision) -> Result<Vec<serde_json::
         (8, 96, 96, 16, 1),
         (8, 192, 192, 8, 1),
         (4, 64, 64, 128, 1),
+        (8, 48, 48, 32, 2),
+        (4, 64, 128, 128, 2),
     ];
     let mut rows = Vec::new();
     let mut rng = Rng::new(3);

@@ -1,12 +1,14 @@
-//! A 2-D convolution whose input gradient is computed as another convolution.
+//! A 2-D convolution whose input gradient is computed as convolutions.
 //!
 //! candle differentiates `conv2d` with respect to its input through `conv_transpose2d`, a direct
 //! loop on the CPU and a naive kernel on CUDA: the slowest part of a training step (a 3×3 conv of
 //! 8 → 8 channels at 64×64, batch 8: 18 ms forward, 93 ms with its backward on the CPU). The same
 //! gradient is a convolution of the padded output gradient with the kernel flipped and its
-//! channel axes swapped, which candle computes as im2col + matrix product on the
-//! CPU and through cuBLAS on CUDA. The kernel gradient keeps candle's formula (already a
-//! convolution).
+//! channel axes swapped, which candle computes as im2col + matrix product on the CPU and through
+//! cuBLAS on CUDA. With stride s it splits into s² such convolutions, one per phase of the input
+//! (input rows i ≡ a mod s only meet kernel taps t ≡ a + p mod s), each with a sub-kernel of the
+//! taps of its phase: the same arithmetic as the forward pass, none of it on zeros. The kernel
+//! gradient keeps candle's formula (already a convolution).
 
 use std::sync::Mutex;
 
@@ -14,11 +16,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
 /// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] with symmetric `padding` and `stride` (dilation
-/// 1, one group) → [B, C_out, H', W']. With stride 1 the input gradient is a convolution. Strided
-/// ones keep candle's: with a dilated output gradient that convolution would be four times larger
-/// (measured 0.85× candle's speed at stride 2).
+/// 1, one group) → [B, C_out, H', W'].
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    if stride != 1 || (!x.track_op() && !w.track_op()) {
+    if !x.track_op() && !w.track_op() {
         return x.conv2d(w, padding, stride, 1, 1);
     }
     // The output is computed by candle outside the graph and handed to the op, which records x and
@@ -28,13 +28,121 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         w,
         Conv2dGemmBackward {
             padding,
+            stride,
             output: Mutex::new(Some(y)),
         },
     )
 }
 
+/// One phase of one spatial axis of a strided convolution's input gradient: the input positions
+/// `s·q + a` for `q < len` receive the output gradient at `q + start + m` times kernel tap
+/// `taps[m]`.
+struct Phase {
+    taps: Vec<u32>,
+    /// Offset of the first output-gradient position read; negative reads are zeros (padding).
+    start: isize,
+    len: usize,
+}
+
+/// The `s` phases of an axis of `n_in` inputs, kernel `k`, padding `p`, stride `s`.
+fn phases(n_in: usize, k: usize, p: usize, s: usize) -> Vec<Phase> {
+    (0..s)
+        .map(|a| {
+            // Input a + s·q is read by output o through tap t when s·o + t = a + s·q + p.
+            let t0 = (a + p) % s;
+            let n_taps = if t0 < k { (k - t0).div_ceil(s) } else { 0 };
+            let c = ((a + p - t0) / s) as isize;
+            Phase {
+                // Flipped: the correlation reads the output gradient forwards.
+                taps: (0..n_taps).rev().map(|j| (t0 + s * j) as u32).collect(),
+                start: c - n_taps as isize + 1,
+                len: n_in.saturating_sub(a).div_ceil(s),
+            }
+        })
+        .collect()
+}
+
+/// Gradient of `conv2d(x, w, p, s)` with respect to `x` [B, C_in, H, W], from the output gradient
+/// `g` [B, C_out, H', W'].
+fn input_gradient(
+    g: &Tensor,
+    w: &Tensor,
+    (h, wd): (usize, usize),
+    p: usize,
+    s: usize,
+) -> Result<Tensor> {
+    let k = w.dim(2)?;
+    let (b, c_in) = (g.dim(0)?, w.dim(1)?);
+    if s == 1 && p < k {
+        // One phase, padded symmetrically: candle pads inside its im2col, without a copy of g.
+        let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+        return g.conv2d(&w_t, k - 1 - p, 1, 1, 1);
+    }
+    // [C_in, C_out, k, k]: a convolution from the output's channels back to the input's.
+    let w_t = w.transpose(0, 1)?.contiguous()?;
+    let (rows, cols) = (phases(h, k, p, s), phases(wd, k, p, s));
+    let (n_h, n_w) = (g.dim(2)? as isize, g.dim(3)? as isize);
+    // One zero padding of g that serves every phase.
+    let lo = |ph: &[Phase]| ph.iter().map(|f| (-f.start).max(0)).max().unwrap_or(0) as usize;
+    let hi = |ph: &[Phase], n: isize| {
+        ph.iter()
+            .map(|f| f.start + (f.len + f.taps.len()) as isize - 1 - n)
+            .max()
+            .unwrap_or(0)
+            .max(0) as usize
+    };
+    let (lo_h, lo_w) = (lo(&rows), lo(&cols));
+    let g_pad =
+        g.pad_with_zeros(2, lo_h, hi(&rows, n_h))?
+            .pad_with_zeros(3, lo_w, hi(&cols, n_w))?;
+    let (q_h, q_w) = (h.div_ceil(s), wd.div_ceil(s));
+    let mut phase_rows = Vec::with_capacity(s);
+    for r in &rows {
+        let mut phase_cols = Vec::with_capacity(s);
+        for c in &cols {
+            let part = if r.taps.is_empty() || c.taps.is_empty() || r.len == 0 || c.len == 0 {
+                Tensor::zeros((b, c_in, r.len, c.len), g.dtype(), g.device())?
+            } else {
+                let device = w.device();
+                let sub = w_t
+                    .index_select(&Tensor::new(r.taps.as_slice(), device)?, 2)?
+                    .index_select(&Tensor::new(c.taps.as_slice(), device)?, 3)?;
+                let window = g_pad
+                    .narrow(
+                        2,
+                        (r.start + lo_h as isize) as usize,
+                        r.len + r.taps.len() - 1,
+                    )?
+                    .narrow(
+                        3,
+                        (c.start + lo_w as isize) as usize,
+                        c.len + c.taps.len() - 1,
+                    )?;
+                window.conv2d(&sub, 0, 1, 1, 1)?
+            };
+            if s == 1 {
+                return Ok(part);
+            }
+            // Phases of a size not divisible by s are one short: pad to a common size.
+            phase_cols.push(part.pad_with_zeros(2, 0, q_h - r.len)?.pad_with_zeros(
+                3,
+                0,
+                q_w - c.len,
+            )?);
+        }
+        // [B, C, q_h, q_w, s] → [B, C, q_h, q_w·s]: column phases interleaved.
+        phase_rows.push(Tensor::stack(&phase_cols, 4)?.reshape((b, c_in, q_h, q_w * s))?);
+    }
+    // [B, C, q_h, s, q_w·s] → [B, C, q_h·s, q_w·s]: row phases interleaved.
+    Tensor::stack(&phase_rows, 3)?
+        .reshape((b, c_in, q_h * s, q_w * s))?
+        .narrow(2, 0, h)?
+        .narrow(3, 0, wd)
+}
+
 struct Conv2dGemmBackward {
     padding: usize,
+    stride: usize,
     output: Mutex<Option<Tensor>>,
 }
 
@@ -98,16 +206,12 @@ impl CustomOp2 for Conv2dGemmBackward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let p = self.padding;
-        let k = w.dim(2)?;
-        // Input gradient: the output gradient padded by k − 1 − p, convolved with the kernel
-        // flipped in space and with its channel axes swapped (stride 1).
-        let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-        let grad_x = grad.conv2d(&w_t, k - 1 - p, 1, 1, 1)?;
-        // Kernel gradient: candle's formula.
+        let (p, s, k) = (self.padding, self.stride, w.dim(2)?);
+        let grad_x = input_gradient(grad, w, (x.dim(2)?, x.dim(3)?), p, s)?;
+        // Kernel gradient: candle's formula (the stride becomes a dilation).
         let grad_w = x
             .transpose(0, 1)?
-            .conv2d(&grad.transpose(0, 1)?, p, 1, 1, 1)?
+            .conv2d(&grad.transpose(0, 1)?, p, 1, s, 1)?
             .transpose(0, 1)?;
         let grad_w = grad_w.narrow(2, 0, k)?.narrow(3, 0, k)?;
         Ok((Some(grad_x), Some(grad_w)))
@@ -119,7 +223,55 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Gradients of Σ y·r through ours and through candle's own convolution.
+    /// The convolution and both gradients of Σ y·r, by their definitions, in loops over every
+    /// output, channel and tap: (y, dL/dx, dL/dw) as flat row-major vectors.
+    fn by_definition(
+        x: &Tensor,
+        w: &Tensor,
+        r: &Tensor,
+        p: usize,
+        s: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (b, ci, h, wd) = x.dims4()?;
+        let (co, _, k, _) = w.dims4()?;
+        let (_, _, oh, ow) = r.dims4()?;
+        let (xv, wv, rv) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            w.flatten_all()?.to_vec1::<f32>()?,
+            r.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let (mut y, mut gx, mut gw) = (
+            vec![0f32; rv.len()],
+            vec![0f32; xv.len()],
+            vec![0f32; wv.len()],
+        );
+        for n in 0..b {
+            for o in 0..co {
+                for (yi, yj) in (0..oh).flat_map(|i| (0..ow).map(move |j| (i, j))) {
+                    let yo = ((n * co + o) * oh + yi) * ow + yj;
+                    for c in 0..ci {
+                        for (ti, tj) in (0..k).flat_map(|i| (0..k).map(move |j| (i, j))) {
+                            let (xi, xj) = (
+                                (yi * s + ti) as isize - p as isize,
+                                (yj * s + tj) as isize - p as isize,
+                            );
+                            if xi < 0 || xj < 0 || xi >= h as isize || xj >= wd as isize {
+                                continue;
+                            }
+                            let xo = ((n * ci + c) * h + xi as usize) * wd + xj as usize;
+                            let wo = ((o * ci + c) * k + ti) * k + tj;
+                            y[yo] += xv[xo] * wv[wo];
+                            gx[xo] += rv[yo] * wv[wo];
+                            gw[wo] += rv[yo] * xv[xo];
+                        }
+                    }
+                }
+            }
+        }
+        Ok((y, gx, gw))
+    }
+
+    /// Ours against [`by_definition`].
     fn compare(
         b: usize,
         ci: usize,
@@ -132,20 +284,24 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, ci, hw.0, hw.1), &dev)?)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev)?)?;
-        let ours = conv2d(&x, &w, p, s)?;
-        let theirs = x.conv2d(&w, p, s, 1, 1)?;
-        assert_eq!(ours.dims(), theirs.dims());
-        let r = Tensor::randn(0f32, 1., ours.shape(), &dev)?;
-        let ga = (&ours * &r)?.sum_all()?.backward()?;
-        let gb = (&theirs * &r)?.sum_all()?.backward()?;
+        let y = conv2d(&x, &w, p, s)?;
+        let r = Tensor::randn(0f32, 1., y.shape(), &dev)?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let (ey, egx, egw) = by_definition(&x, &w, &r, p, s)?;
         let pairs = [
-            ("output", &ours, &theirs),
-            ("input gradient", ga.get(&x).unwrap(), gb.get(&x).unwrap()),
-            ("kernel gradient", ga.get(&w).unwrap(), gb.get(&w).unwrap()),
+            ("output", &y, ey),
+            ("input gradient", grads.get(&x).unwrap(), egx),
+            ("kernel gradient", grads.get(&w).unwrap(), egw),
         ];
-        for (what, a, b) in pairs {
-            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        for (what, ours, expected) in pairs {
+            let ours = ours.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(ours.len(), expected.len(), "{what}: size");
+            let d = ours
+                .iter()
+                .zip(&expected)
+                .map(|(a, e)| (a - e).abs())
+                .fold(0f32, f32::max);
+            let m = expected.iter().map(|e| e.abs()).fold(0f32, f32::max);
             assert!(
                 d <= 1e-4 * m.max(1.0),
                 "{what}: {d} (scale {m}) for k{k} p{p} s{s} {hw:?}"
@@ -155,12 +311,22 @@ mod tests {
     }
 
     #[test]
-    fn gradients_equal_candles() -> Result<()> {
+    fn output_and_gradients_equal_their_definitions() -> Result<()> {
         compare(2, 3, 5, (8, 8), 3, 1, 1)?;
         compare(1, 4, 2, (9, 7), 3, 1, 1)?;
         compare(2, 3, 4, (6, 6), 1, 0, 1)?;
         compare(1, 2, 3, (7, 7), 3, 0, 1)?;
-        compare(1, 2, 3, (10, 10), 3, 0, 2) // strided: candle's path
+        compare(1, 2, 3, (5, 5), 1, 2, 1)?; // padding beyond the kernel
+                                            // Strided: every phase, sizes divisible by the stride or not, rows never read.
+        compare(2, 3, 4, (8, 8), 3, 1, 2)?;
+        compare(1, 2, 3, (9, 7), 3, 1, 2)?;
+        compare(1, 2, 3, (10, 10), 3, 0, 2)?;
+        // Height and width of different remainders: candle 0.11.1's own backward fails here (its
+        // conv_transpose2d output padding is taken from the height for both axes).
+        compare(1, 2, 3, (11, 10), 3, 0, 2)?;
+        compare(2, 3, 2, (8, 9), 1, 0, 2)?; // half the phases meet no tap
+        compare(1, 2, 2, (10, 11), 3, 1, 3)?;
+        compare(1, 2, 2, (9, 9), 4, 2, 2)
     }
 
     #[test]
