@@ -2,17 +2,19 @@
 //! cross-attention, the transformer block of the U-Net and the single-head spatial attention of
 //! the VAE.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::layers::{
     from_tokens, group_norm, linear, linear_no_bias, to_tokens, GroupNorm, LayerNorm, Linear,
 };
+use super::precomputed::Precomputed;
 use super::resnet::NORM_EPS;
 
 /// Largest attention-score matrix materialised at once, in elements (64 MiB of f32). The VAE's
 /// 64×64 attention has 4,096 tokens, a 16.7 M-entry matrix per image: it is computed in query
-/// chunks so that a batch never holds all of them (SPEC: "never materialise it for a whole batch").
+/// chunks so that a batch never holds all of them (SPEC: "never materialise it for a whole batch"),
+/// in training too (see [`AttentionBackward`]).
 const MAX_SCORE_ELEMENTS: usize = 1 << 24;
 
 /// Additive bias that hides padding: `mask` [B, M] with 1 for real tokens and 0 for padding
@@ -24,40 +26,175 @@ pub fn padding_bias(mask: &Tensor) -> Result<Tensor> {
 /// softmax(q kᵀ · scale + bias) v.
 ///
 /// `q`: [N, Lq, d], `k`, `v`: [N, Lk, d], `bias`: [N, 1, Lk] → [N, Lq, d]. Scores and softmax are
-/// computed in F32 whatever the input precision.
+/// computed in F32 whatever the input precision. When gradients are tracked, only the inputs and
+/// the output are kept for the backward pass, which recomputes the scores chunk by chunk.
 pub fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (n, lq, d) = q.dims3()?;
-    let lk = k.dim(1)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let kt = k.transpose(1, 2)?.contiguous()?;
-    let rows = (MAX_SCORE_ELEMENTS / (n * lk).max(1)).clamp(1, lq);
-    let mut outs = Vec::with_capacity(lq.div_ceil(rows));
-    let mut start = 0;
-    while start < lq {
-        let len = rows.min(lq - start);
-        let qc = if len == lq {
-            q.clone()
-        } else {
-            q.narrow(1, start, len)?
-        };
+    chunked(q, k, v, bias, MAX_SCORE_ELEMENTS)
+}
+
+/// [`scaled_dot_product`] with at most `max_scores` score elements per chunk.
+fn chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    max_scores: usize,
+) -> Result<Tensor> {
+    let chunks = Chunks::new(q, k, bias, max_scores)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return chunks.forward(q, v);
+    }
+    let y = chunks.forward(&q.detach(), &v.detach())?;
+    q.apply_op3(
+        k,
+        v,
+        AttentionBackward {
+            chunks,
+            output: Precomputed::new("attention", y),
+        },
+    )
+}
+
+/// The query chunks of one attention call and what every chunk needs.
+struct Chunks {
+    /// kᵀ: [N, d, Lk], detached.
+    kt: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+    lq: usize,
+    rows: usize,
+}
+
+impl Chunks {
+    fn new(q: &Tensor, k: &Tensor, bias: Option<&Tensor>, max_scores: usize) -> Result<Self> {
+        let (n, lq, d) = q.dims3()?;
+        let lk = k.dim(1)?;
+        Ok(Self {
+            kt: k.detach().transpose(1, 2)?.contiguous()?,
+            bias: bias.map(Tensor::detach),
+            scale: 1.0 / (d as f64).sqrt(),
+            lq,
+            rows: (max_scores / (n * lk).max(1)).clamp(1, lq.max(1)),
+        })
+    }
+
+    /// (start, length) of each chunk of query rows.
+    fn ranges(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.lq)
+            .step_by(self.rows)
+            .map(|start| (start, self.rows.min(self.lq - start)))
+    }
+
+    /// softmax(q_c kᵀ · scale + bias), F32: [N, len, Lk] for the queries `qc` [N, len, d].
+    fn probabilities(&self, qc: &Tensor) -> Result<Tensor> {
         // Scaling q first keeps half-precision products in range.
-        let mut scores = (qc * scale)?.matmul(&kt)?.to_dtype(DType::F32)?;
-        if let Some(b) = bias {
+        let mut scores = (qc * self.scale)?.matmul(&self.kt)?.to_dtype(DType::F32)?;
+        if let Some(b) = &self.bias {
             scores = scores.broadcast_add(b)?;
         }
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-        outs.push(probs.matmul(v)?);
-        start += len;
+        candle_nn::ops::softmax(&scores, D::Minus1)
     }
-    if outs.len() == 1 {
-        Ok(outs.remove(0))
-    } else {
-        Tensor::cat(&outs, 1)
+
+    /// [N, Lq, d] → [N, Lq, d], chunk by chunk.
+    fn forward(&self, q: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let mut outs = Vec::new();
+        for (start, len) in self.ranges() {
+            let qc = if len == self.lq {
+                q.clone()
+            } else {
+                q.narrow(1, start, len)?
+            };
+            outs.push(self.probabilities(&qc)?.to_dtype(v.dtype())?.matmul(v)?);
+        }
+        if outs.len() == 1 {
+            Ok(outs.remove(0))
+        } else {
+            Tensor::cat(&outs, 1)
+        }
+    }
+}
+
+/// Attention's backward pass chunk by chunk, as FlashAttention's (Dao et al., 2022) but in tensor
+/// ops: each chunk's probabilities P are recomputed from q and k, then dV += Pᵀ dO,
+/// dP = dO vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dq = dS k · scale, dK += dSᵀ q · scale. Without it
+/// autograd keeps every chunk's scores and probabilities until the backward pass: the VAE's 64×64
+/// attention at the paper's batch of 32 would hold several 2 GiB matrices.
+struct AttentionBackward {
+    chunks: Chunks,
+    output: Precomputed,
+}
+
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.output.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.output.cuda()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = &self.chunks;
+        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let dtype = q.dtype();
+        let vt = v.t()?.contiguous()?;
+        // dK and dV sum over every chunk: in F32 under mixed precision.
+        let mut dk = Tensor::zeros(k.shape(), DType::F32, k.device())?;
+        let mut dv = Tensor::zeros(v.shape(), DType::F32, v.device())?;
+        let mut dq = Vec::new();
+        for (start, len) in c.ranges() {
+            let qc = q.narrow(1, start, len)?;
+            let gc = grad.narrow(1, start, len)?.contiguous()?;
+            let p = c.probabilities(&qc)?;
+            dv = (dv + p.to_dtype(dtype)?.t()?.matmul(&gc)?.to_dtype(DType::F32)?)?;
+            let dp = gc.matmul(&vt)?.to_dtype(DType::F32)?;
+            let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+            let ds = ((p * dp.broadcast_sub(&row)?)? * c.scale)?.to_dtype(dtype)?;
+            dq.push(ds.matmul(&k)?);
+            dk = (dk + ds.t()?.matmul(&qc.contiguous()?)?.to_dtype(DType::F32)?)?;
+        }
+        let dq = if dq.len() == 1 {
+            dq.remove(0)
+        } else {
+            Tensor::cat(&dq, 1)?
+        };
+        Ok((
+            Some(dq),
+            Some(dk.to_dtype(k.dtype())?),
+            Some(dv.to_dtype(v.dtype())?),
+        ))
     }
 }
 
@@ -289,6 +426,66 @@ mod tests {
         let want = naive(&q, &k, &v, None)?;
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    /// Gradients of Σ attention · r with respect to q, k and v.
+    fn gradients(
+        attend: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        (q, k, v, r): (&Tensor, &Tensor, &Tensor, &Tensor),
+    ) -> Result<Vec<Tensor>> {
+        let vars = [q, k, v].map(|t| candle_core::Var::from_tensor(t).unwrap());
+        let out = attend(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+        )?;
+        let grads = (out.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
+        vars.iter()
+            .map(|x| grads.get(x.as_tensor()).unwrap().to_dtype(DType::F32))
+            .collect()
+    }
+
+    /// Largest difference relative to the largest entry of `want`, over the pairs.
+    fn worst(got: &[Tensor], want: &[Tensor]) -> Result<f32> {
+        let mut worst = 0f32;
+        for (g, w) in got.iter().zip(want) {
+            let d = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            worst = worst.max(d / w.abs()?.max_all()?.to_scalar::<f32>()?);
+        }
+        Ok(worst)
+    }
+
+    #[test]
+    fn chunked_backward_equals_autograd_through_full_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(5);
+        let (n, lq, lk, d) = (2, 7, 5, 4);
+        let q = rng.randn((n, lq, d), &dev)?;
+        let k = rng.randn((n, lk, d), &dev)?;
+        let v = rng.randn((n, lk, d), &dev)?;
+        let r = rng.randn((n, lq, d), &dev)?;
+        let mask = Tensor::new(&[[1f32, 1., 1., 1., 0.], [1., 1., 0., 0., 0.]], &dev)?;
+        let bias = padding_bias(&mask)?;
+        let inputs = (&q, &k, &v, &r);
+        for b in [None, Some(&bias)] {
+            let want = gradients(|q, k, v| naive(q, k, v, b), inputs)?;
+            // One chunk, and chunks of 3, 3 and 1 query rows.
+            for max_scores in [1 << 20, 3 * n * lk] {
+                let got = gradients(|q, k, v| chunked(q, k, v, b, max_scores), inputs)?;
+                let err = worst(&got, &want)?;
+                assert!(err < 1e-5, "{err} with {max_scores} scores per chunk");
+            }
+        }
+        // Half precision: within F16 rounding of the F32 gradients.
+        let want = gradients(|q, k, v| naive(q, k, v, None), inputs)?;
+        let half = |t: &Tensor| t.to_dtype(DType::F16);
+        let got = gradients(
+            |q, k, v| chunked(q, k, v, None, 3 * n * lk),
+            (&half(&q)?, &half(&k)?, &half(&v)?, &r),
+        )?;
+        let err = worst(&got, &want)?;
+        assert!(err < 5e-3, "f16: {err}");
         Ok(())
     }
 

@@ -10,10 +10,9 @@
 //! taps of its phase: the same arithmetic as the forward pass, none of it on zeros. The kernel
 //! gradient keeps candle's formula (already a convolution).
 
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use super::precomputed::Precomputed;
 
 /// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] with symmetric `padding` and `stride` (dilation
 /// 1, one group) → [B, C_out, H', W'].
@@ -29,7 +28,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         Conv2dGemmBackward {
             padding,
             stride,
-            output: Mutex::new(Some(y)),
+            output: Precomputed::new("conv2d", y),
         },
     )
 }
@@ -143,29 +142,7 @@ fn input_gradient(
 struct Conv2dGemmBackward {
     padding: usize,
     stride: usize,
-    output: Mutex<Option<Tensor>>,
-}
-
-impl Conv2dGemmBackward {
-    fn take_output(&self) -> Result<Tensor> {
-        self.output
-            .lock()
-            .expect("conv output lock")
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d op applied twice".into()))
-    }
-}
-
-/// A copy of `y`'s storage, of the backend `pick` selects.
-fn copy_of<S: BackendStorage>(
-    y: &Tensor,
-    pick: impl Fn(&Storage) -> Option<&S>,
-) -> Result<(S, Shape)> {
-    let (storage, layout) = y.storage_and_layout();
-    match pick(&storage) {
-        Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-        None => candle_core::bail!("conv2d op: the output is on another device than the inputs"),
-    }
+    output: Precomputed,
 }
 
 impl CustomOp2 for Conv2dGemmBackward {
@@ -180,10 +157,7 @@ impl CustomOp2 for Conv2dGemmBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        copy_of(&self.take_output()?, |s| match s {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
+        self.output.cpu()
     }
 
     fn cuda_fwd(
@@ -193,10 +167,7 @@ impl CustomOp2 for Conv2dGemmBackward {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        copy_of(&self.take_output()?, |s| match s {
-            Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
+        self.output.cuda()
     }
 
     fn bwd(

@@ -6,6 +6,7 @@ pub mod checkpointing;
 pub mod conv;
 pub mod init;
 pub mod layers;
+pub mod precomputed;
 pub mod resnet;
 pub mod text;
 pub mod tokenizer;
