@@ -1,7 +1,8 @@
 //! `cxrgen bench`: how fast a config samples and trains on this machine, with freshly initialised
 //! weights (speed does not depend on training). Sampling goes through the same code as
 //! `cxrgen generate`; a training step through the same loss, gradient checkpointing, precision
-//! and optimizer as `cxrgen train-diffusion`.
+//! and optimizer as `cxrgen train-diffusion` (`--train`) or `cxrgen train-vae` (`--train-vae`, on
+//! random images).
 //!
 //! The frozen text encoder is replaced by a one-layer random BERT of the same width: it runs once
 //! per prompt (sampling) or per micro-batch (training), not per denoising step, and the paper's
@@ -17,7 +18,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
 
-use crate::config::{Config, Precision, RandomBertConfig, TextEncoderSource};
+use crate::config::{
+    Config, OptimizerConfig, Precision, RandomBertConfig, RunConfig, TextEncoderSource,
+};
 use crate::device::DeviceChoice;
 use crate::diffusion::pipeline::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
@@ -28,7 +31,8 @@ use crate::train::losses::diffusion_loss;
 use crate::train::optim::{clip_to, global_norm, AdamW};
 use crate::train::scaler::INITIAL_SCALE;
 use crate::train::stages::{
-    backward_with, checkpointing_for, compute_weights, init_diffusion_weights,
+    backward_with, checkpointing_for, compute_weights, init_diffusion_weights, ImageSource,
+    VaeObjective,
 };
 use crate::train::trainer::{accumulate, named_params, CheckpointExtras, Loss, Objective};
 
@@ -48,6 +52,8 @@ pub struct Request {
     pub repeats: usize,
     /// Also time training steps of the diffusion stage.
     pub train: bool,
+    /// Also time training steps of the VAE stage.
+    pub train_vae: bool,
     /// Also time convolution forward + backward: candle's own against ours.
     pub kernels: bool,
     pub json: bool,
@@ -105,7 +111,12 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     );
     let sampling = sampling_rows(req, &cfg, &device, precision, &ldm, &vae_weights, &text)?;
     let training = if req.train {
-        Some(training_row(req, &cfg, &device, &ldm, &text)?)
+        Some(diffusion_training_row(req, &cfg, &device, &ldm, &text)?)
+    } else {
+        None
+    };
+    let training_vae = if req.train_vae {
+        Some(vae_training_row(req, &cfg, &device)?)
     } else {
         None
     };
@@ -123,7 +134,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
                 "config": req.config, "device": crate::device::name(&device),
                 "precision": format!("{precision:?}").to_lowercase(),
                 "image_size": cfg.data.image_size, "sampling_steps": req.steps,
-                "sampling": sampling, "training": training, "kernels": kernels,
+                "sampling": sampling, "training": training, "training_vae": training_vae,
+                "kernels": kernels,
             })
         )?;
         return Ok(ExitCode::SUCCESS);
@@ -158,11 +170,11 @@ pub fn run(req: &Request) -> Result<ExitCode> {
                 .map_or("n/a".into(), |m| format!("{m:.0}")),
         )?;
     }
-    if let Some(t) = training {
+    for t in training.iter().chain(&training_vae) {
         writeln!(
             out,
-            "training: batch {} × accumulation {}, checkpointing {}, {}: {:.1} ms per micro-batch, {:.1} ms per optimizer step, peak {} MiB",
-            t["batch"], t["accumulation"], t["checkpointing"], t["precision"].as_str().unwrap_or("?"),
+            "training ({}): batch {} × accumulation {}, checkpointing {}, {}: {:.1} ms per micro-batch, {:.1} ms per optimizer step, peak {} MiB",
+            t["stage"].as_str().unwrap_or("?"), t["batch"], t["accumulation"], t["checkpointing"], t["precision"].as_str().unwrap_or("?"),
             t["ms_per_micro_batch"].as_f64().unwrap_or(f64::NAN),
             t["ms_per_optimizer_step"].as_f64().unwrap_or(f64::NAN),
             t["peak_mib"].as_f64().map_or("n/a".into(), |m| format!("{m:.0}")),
@@ -356,29 +368,92 @@ impl Objective for RandomLatents<'_> {
     }
 }
 
+/// Random pixels in [−1, 1] for train-vae's loss: speed and memory do not depend on the images.
+struct RandomImages {
+    size: usize,
+    channels: usize,
+}
+
+impl ImageSource for RandomImages {
+    fn images(&self, indices: &[usize], device: &Device) -> Result<Tensor> {
+        let shape = (indices.len(), self.channels, self.size, self.size);
+        Ok(Tensor::rand(-1f32, 1f32, shape, device)?)
+    }
+}
+
 /// Optimizer steps of train-diffusion at the config's batch size, accumulation, gradient
-/// checkpointing and precision, through the trainer's accumulation, clipping and AdamW, on random
-/// latents: one warm-up, then `repeats` timed.
-fn training_row(
+/// checkpointing and precision, on random latents.
+fn diffusion_training_row(
     req: &Request,
     cfg: &Config,
     device: &Device,
     ldm: &VarMap,
     text: &TextEncoder,
 ) -> Result<serde_json::Value> {
-    let run = &cfg.train_diffusion.run;
-    let precision = crate::device::precision_on(device, req.precision, run.precision)?;
+    let t = &cfg.train_diffusion;
+    let precision = crate::device::precision_on(device, req.precision, t.run.precision)?;
     let objective = RandomLatents {
         cfg,
         text,
         ldm,
         device,
         precision,
-        checkpoint: checkpointing_for(run, ldm)?,
+        checkpoint: checkpointing_for(&t.run, ldm)?,
         schedule: NoiseSchedule::new(&cfg.diffusion),
     };
-    let params = named_params(ldm);
-    let mut optimizer = AdamW::new(params.clone(), &cfg.train_diffusion.optimizer)?;
+    time_training(
+        req,
+        device,
+        precision,
+        &objective,
+        ldm,
+        (&t.run, &t.optimizer),
+    )
+}
+
+/// Optimizer steps of train-vae at the config's batch size, accumulation, gradient checkpointing
+/// and precision, on random images.
+fn vae_training_row(req: &Request, cfg: &Config, device: &Device) -> Result<serde_json::Value> {
+    let t = &cfg.train_vae;
+    let precision = crate::device::precision_on(device, req.precision, t.run.precision)?;
+    let weights = VarMap::new();
+    Vae::new(&cfg.vae, seeded_var_builder(&weights, 3, device))?;
+    let images = RandomImages {
+        size: cfg.data.image_size,
+        channels: cfg.vae.image_channels,
+    };
+    let objective = VaeObjective::new(
+        &cfg.vae,
+        &weights,
+        &images,
+        t.kl_weight,
+        device.clone(),
+        vec![],
+    )
+    .with_precision(precision)
+    .with_checkpointing(checkpointing_for(&t.run, &weights)?);
+    time_training(
+        req,
+        device,
+        precision,
+        &objective,
+        &weights,
+        (&t.run, &t.optimizer),
+    )
+}
+
+/// `objective`'s optimizer steps through the trainer's accumulation, clipping and AdamW: one
+/// warm-up, then `repeats` timed, with the peak memory of the timed ones.
+fn time_training(
+    req: &Request,
+    device: &Device,
+    precision: Precision,
+    objective: &dyn Objective,
+    weights: &VarMap,
+    (run, opt): (&RunConfig, &OptimizerConfig),
+) -> Result<serde_json::Value> {
+    let params = named_params(weights);
+    let mut optimizer = AdamW::new(params.clone(), opt)?;
     let batches = vec![(0..run.batch_size).collect::<Vec<usize>>(); run.grad_accumulation];
     let loss_scale = if precision.needs_loss_scaling() {
         INITIAL_SCALE
@@ -387,11 +462,11 @@ fn training_row(
     };
     let mut rng = Rng::new(7);
     let mut step = |optimizer: &mut AdamW| -> Result<()> {
-        let (mut grads, _) = accumulate(&objective, &params, &batches, &mut rng, loss_scale)?
-            .context("a non-finite loss on random latents")?;
+        let (mut grads, _) = accumulate(objective, &params, &batches, &mut rng, loss_scale)?
+            .with_context(|| format!("a non-finite {} loss on random inputs", objective.stage()))?;
         let norm = global_norm(&grads)?;
-        clip_to(&mut grads, norm, cfg.train_diffusion.optimizer.grad_clip)?;
-        optimizer.step(&grads, cfg.train_diffusion.optimizer.lr)?;
+        clip_to(&mut grads, norm, opt.grad_clip)?;
+        optimizer.step(&grads, opt.lr)?;
         Ok(())
     };
     step(&mut optimizer)?;
@@ -404,6 +479,7 @@ fn training_row(
     })?;
     let per_step = ms / req.repeats as f64;
     Ok(json!({
+        "stage": objective.stage(),
         "batch": run.batch_size, "accumulation": run.grad_accumulation,
         "checkpointing": run.grad_checkpointing,
         "precision": format!("{precision:?}").to_lowercase(),

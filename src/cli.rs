@@ -50,7 +50,7 @@ enum Command {
     Eval(PendingArgs),
     /// Print the resolved config and the parameter count of each network.
     Info(InfoArgs),
-    /// Time sampling (ms per step and per image) and, with --train, a training step.
+    /// Time sampling (ms per step and per image) and, with --train or --train-vae, training steps.
     Bench(BenchArgs),
     /// Compare a device's outputs with the CPU's: VAE, U-Net, gradients, a 10-step sample.
     CheckDevice(CheckDeviceArgs),
@@ -86,13 +86,17 @@ struct BenchArgs {
     /// Sampling steps the per-image figure is for.
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// Denoising steps timed per batch size, and training steps timed with --train.
+    /// Denoising steps timed per batch size, and optimizer steps timed with --train and --train-vae.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Also time optimizer steps of train-diffusion (the config's batch, accumulation,
     /// checkpointing and precision) and their peak memory.
     #[arg(long)]
     train: bool,
+    /// Also time optimizer steps of train-vae (the config's batch, accumulation, checkpointing
+    /// and precision, on random images) and their peak memory.
+    #[arg(long)]
+    train_vae: bool,
     /// Also time 3×3 convolutions forward + backward, candle's own against cxrgen's.
     #[arg(long)]
     kernels: bool,
@@ -352,6 +356,7 @@ pub fn run() -> Result<ExitCode> {
             steps: a.steps,
             repeats: a.repeats,
             train: a.train,
+            train_vae: a.train_vae,
             kernels: a.kernels,
             json: a.json,
         }),

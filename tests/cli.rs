@@ -135,7 +135,7 @@ fn training_input_errors_name_what_is_wrong() {
 }
 
 #[test]
-fn bench_reports_each_batch_size_and_a_training_step() {
+fn bench_reports_each_batch_size_and_a_training_step_of_each_stage() {
     let out = cxrgen(&[
         "bench",
         "--config",
@@ -149,6 +149,7 @@ fn bench_reports_each_batch_size_and_a_training_step() {
         "--steps",
         "20",
         "--train",
+        "--train-vae",
         "--json",
     ]);
     let v = json_of(&out);
@@ -169,8 +170,15 @@ fn bench_reports_each_batch_size_and_a_training_step() {
             "{row}"
         );
     }
-    assert!(v["training"]["ms_per_optimizer_step"].as_f64().unwrap() > 0.0);
-    assert!(v["training"]["peak_mib"].as_f64().unwrap() > 0.0);
+    for (key, stage, batch) in [("training", "diffusion", 8), ("training_vae", "vae", 8)] {
+        let t = &v[key];
+        assert_eq!(t["stage"], stage, "{t}");
+        // The tiny config's batch sizes, trained in F32 on the CPU.
+        assert_eq!(t["batch"], batch, "{t}");
+        assert_eq!(t["precision"], "f32", "{t}");
+        assert!(t["ms_per_optimizer_step"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["peak_mib"].as_f64().unwrap() > 0.0, "{t}");
+    }
 }
 
 #[test]

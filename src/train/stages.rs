@@ -168,13 +168,26 @@ fn check_cache(cache: &Cache, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Where a VAE objective's training images come from: the prepared cache, or (`cxrgen bench`)
+/// random pixels.
+pub trait ImageSource {
+    /// The images at `indices` as F32 in [−1, 1]: [n, 1, S, S] on `device`.
+    fn images(&self, indices: &[usize], device: &Device) -> Result<Tensor>;
+}
+
+impl ImageSource for Cache {
+    fn images(&self, indices: &[usize], device: &Device) -> Result<Tensor> {
+        Cache::images(self, indices, device)
+    }
+}
+
 /// Stage 1: reconstruction + KL on cached images.
 pub struct VaeObjective<'a> {
     config: VaeConfig,
     /// The F32 master weights.
     varmap: VarMap,
     dtype: DType,
-    cache: &'a Cache,
+    images: &'a dyn ImageSource,
     kl_weight: f64,
     device: Device,
     scale_indices: Vec<usize>,
@@ -187,7 +200,7 @@ impl<'a> VaeObjective<'a> {
     pub fn new(
         config: &VaeConfig,
         varmap: &VarMap,
-        cache: &'a Cache,
+        images: &'a dyn ImageSource,
         kl_weight: f64,
         device: Device,
         scale_indices: Vec<usize>,
@@ -196,7 +209,7 @@ impl<'a> VaeObjective<'a> {
             config: config.clone(),
             varmap: varmap.clone(),
             dtype: DType::F32,
-            cache,
+            images,
             kl_weight,
             device,
             scale_indices,
@@ -236,7 +249,7 @@ impl<'a> VaeObjective<'a> {
         };
         let vae = self.vae(DType::F32)?;
         for chunk in self.scale_indices.chunks(16) {
-            let post = vae.encode(&self.cache.images(chunk, &self.device)?)?;
+            let post = vae.encode(&self.images.images(chunk, &self.device)?)?;
             let z = post
                 .sample(&rng.randn(post.mean.shape(), &self.device)?)?
                 .detach();
@@ -257,7 +270,7 @@ impl Objective for VaeObjective<'_> {
     }
 
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
-        let images = self.cache.images(indices, &self.device)?;
+        let images = self.images.images(indices, &self.device)?;
         let mut vae = self.vae(self.dtype)?;
         vae.set_checkpointing(self.checkpoint.clone());
         let l = vae_loss(&vae, &images, self.kl_weight, rng)?;
