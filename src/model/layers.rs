@@ -2,11 +2,12 @@
 //! correctly: gradients that candle's fused kernels would cut are kept, and under mixed precision
 //! normalisation statistics and parameter-gradient sums stay in F32 ([`super::affine`]).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
 use super::affine::{add_bias, scale_shift};
 use super::conv::conv2d as conv2d_op;
+use super::standardize::standardize;
 
 /// A 2-D convolution; the weight and the bias are cast to the input's dtype.
 #[derive(Debug, Clone)]
@@ -124,17 +125,7 @@ impl Module for GroupNorm {
                 self.groups
             );
         }
-        let x = xs.to_dtype(DType::F32)?.reshape((
-            b,
-            self.groups,
-            xs.elem_count() / (b * self.groups),
-        ))?;
-        let centred = x.broadcast_sub(&x.mean_keepdim(2)?)?;
-        let var = centred.sqr()?.mean_keepdim(2)?;
-        let normed = centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape(dims)?
-            .to_dtype(xs.dtype())?;
+        let normed = standardize(xs, b * self.groups, self.eps)?;
         scale_shift(&normed, &self.weight, &self.bias, 1)
     }
 }
@@ -164,13 +155,8 @@ impl LayerNorm {
 impl Module for LayerNorm {
     /// `xs`: [..., dim] → [..., dim], normalised over the last dimension.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let x = xs.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(xs.dtype())?;
+        let dim = xs.dim(D::Minus1)?;
+        let normed = standardize(xs, xs.elem_count() / dim, self.eps)?;
         scale_shift(&normed, &self.weight, &self.bias, xs.rank() - 1)
     }
 }
@@ -190,7 +176,7 @@ pub fn from_tokens(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
     #[test]
