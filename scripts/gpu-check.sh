@@ -9,7 +9,8 @@
 # (2) bench: DDIM-50 per image at 256×256, batch 1 and 8, in F16 and F32; 3×3 convolutions
 #     forward + backward, candle's against cxrgen's;
 # (3) bench --train: the paper's training step (batch 4, accumulation 4) and its peak device
-#     memory with F16 / BF16 / F32 and with and without gradient checkpointing;
+#     memory with F16 / BF16 / F32 and with and without gradient checkpointing; bench --train-vae:
+#     the VAE's step (batch 16 × 2, and the paper's 32 × 1) in F16 with checkpointing;
 # (4) the table, printed and written to $OUT/gpu-results.md (else target/gpu-check/), with the
 #     raw JSON beside it. Copy it to docs/gpu-results.md.
 set -euo pipefail
@@ -64,6 +65,16 @@ lever bf16-ckpt bf16 true
 lever f32-ckpt f32 true
 lever f16-plain f16 false
 lever f32-plain f32 false
+
+vae_lever() { # name, batch, accumulation, checkpointing
+    printf 'base: paper\ntrain_vae:\n  run:\n    batch_size: %s\n    grad_accumulation: %s\n    grad_checkpointing: %s\n' \
+        "$2" "$3" "$4" > "$work/vae-$1.yaml"
+    run "train-vae-$1" 120 "$cxrgen" bench --config "$work/vae-$1.yaml" --device cuda --precision f16 \
+        --batch-sizes 1 --repeats 1 --train-vae --json
+}
+vae_lever 16x2-ckpt 16 2 true
+vae_lever 32x1-ckpt 32 1 true
+vae_lever 16x2-plain 16 2 false
 
 # (4) the table
 python3 "$repo/scripts/gpu-table.py" "$out" | tee "$out/gpu-results.md"

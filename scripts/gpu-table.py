@@ -30,5 +30,10 @@ print("| precision | checkpointing | ms per optimizer step | peak device MiB |\n
 for lever in ["f16-ckpt", "bf16-ckpt", "f32-ckpt", "f16-plain", "f32-plain"]:
     t = load(f"train-{lever}").get("training") or {}
     print(f"| {lever.split('-')[0]} | {'yes' if lever.endswith('ckpt') else 'no'} | {fmt(t.get('ms_per_optimizer_step'))} | {fmt(t.get('peak_mib'), '{:.0f}')} |")
+print("\n## VAE training, F16, 256×256 (`cxrgen bench --train-vae`)\n")
+print("| batch × accumulation | checkpointing | ms per optimizer step | peak device MiB |\n|---|---|---|---|")
+for lever in ["16x2-ckpt", "32x1-ckpt", "16x2-plain"]:
+    t = load(f"train-vae-{lever}").get("training_vae") or {}
+    print(f"| {lever.split('-')[0].replace('x', ' × ')} | {'yes' if lever.endswith('ckpt') else 'no'} | {fmt(t.get('ms_per_optimizer_step'))} | {fmt(t.get('peak_mib'), '{:.0f}')} |")
 print("\nThe paper: 7.2 GB peak on an 8 GB RTX 4060. Peak device memory is the high-water mark of "
       "candle's allocations (CUDA memory pool), without the CUDA context (~0.5 GB).")
