@@ -18,9 +18,7 @@ fn dir(name: &str) -> PathBuf {
 fn model() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let root = dir("model");
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
+        let root = common::shared_scratch("generate-model");
         let p = |s: &str| root.join(s).display().to_string();
         ok(cxrgen(&[
             "phantom",

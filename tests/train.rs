@@ -29,8 +29,7 @@ fn tmp(name: &str) -> PathBuf {
 fn cache() -> &'static Path {
     static CACHE: OnceLock<PathBuf> = OnceLock::new();
     CACHE.get_or_init(|| {
-        let dir = tmp("data");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::shared_scratch("train-data");
         let ph = dir.join("phantoms");
         let cache = dir.join("cache");
         ok(cxrgen(&[

@@ -49,19 +49,22 @@ pub fn load_gray(path: &Path, size: u32) -> Result<Vec<u8>, String> {
 mod tests {
     use super::*;
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("cxrgen-image-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+    fn tmp(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
+        dir.path().join(name)
     }
 
     #[test]
     fn reads_8_and_16_bit_png_and_jpeg_alike() {
+        let dir = tempfile::tempdir().unwrap();
         // A horizontal ramp, saved three ways.
         let ramp8 = ImageBuffer::from_fn(32, 16, |x, _| Luma([(x * 8) as u8]));
         let ramp16: ImageBuffer<Luma<u16>, Vec<u16>> =
             ImageBuffer::from_fn(32, 16, |x, _| Luma([(x * 8 * 257) as u16]));
-        let (p8, p16, jpg) = (tmp("r8.png"), tmp("r16.png"), tmp("r.jpg"));
+        let (p8, p16, jpg) = (
+            tmp(&dir, "r8.png"),
+            tmp(&dir, "r16.png"),
+            tmp(&dir, "r.jpg"),
+        );
         ramp8.save(&p8).unwrap();
         ramp16.save(&p16).unwrap();
         image::DynamicImage::ImageLuma8(ramp8)
@@ -83,19 +86,20 @@ mod tests {
 
     #[test]
     fn failures_are_named() {
+        let dir = tempfile::tempdir().unwrap();
         assert_eq!(
-            load_gray(&tmp("absent.png"), 8).unwrap_err(),
+            load_gray(&tmp(&dir, "absent.png"), 8).unwrap_err(),
             "missing file"
         );
-        let empty = tmp("empty.png");
+        let empty = tmp(&dir, "empty.png");
         std::fs::write(&empty, b"").unwrap();
         assert_eq!(load_gray(&empty, 8).unwrap_err(), "empty file");
-        let good = tmp("good.png");
+        let good = tmp(&dir, "good.png");
         ImageBuffer::from_fn(64, 64, |x, y| Luma([(x ^ y) as u8]))
             .save(&good)
             .unwrap();
         let bytes = std::fs::read(&good).unwrap();
-        let cut = tmp("cut.png");
+        let cut = tmp(&dir, "cut.png");
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
         assert!(load_gray(&cut, 8)
             .unwrap_err()

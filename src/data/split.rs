@@ -189,8 +189,8 @@ mod tests {
 
     #[test]
     fn split_file_round_trips_and_rejects_bad_rows() {
-        let dir = std::env::temp_dir().join(format!("cxrgen-split-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let recs = records(&[("a", 1), ("b", 2), ("c", 1)]);
         let cfg = SplitConfig {
             train: 0.5,
@@ -210,6 +210,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("2 patient(s)") && err.contains('b'), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

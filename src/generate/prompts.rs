@@ -145,17 +145,20 @@ fn read_csv(path: &Path, text: &str, default_n: usize, default_seed: u64) -> Res
 mod tests {
     use super::*;
 
-    fn file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("cxrgen-prompts-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
+    fn file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
         p
     }
 
     #[test]
     fn plain_lines_skip_blanks_and_keep_line_numbers() {
-        let p = file("a.txt", b"Left pleural effusion.\r\n\n  Cardiomegaly.  \n");
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(
+            &dir,
+            "a.txt",
+            b"Left pleural effusion.\r\n\n  Cardiomegaly.  \n",
+        );
         let jobs = read(&p, 2, 7, false).unwrap();
         assert_eq!(
             jobs,
@@ -178,7 +181,9 @@ mod tests {
 
     #[test]
     fn csv_rows_fill_missing_values_from_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
         let p = file(
+            &dir,
             "b.csv",
             b"prompt,n,seed\n\"Effusion, right.\",3,100\nNo acute disease.,,\n",
         );
@@ -205,19 +210,20 @@ mod tests {
 
     #[test]
     fn errors_name_the_line() {
-        let e = read(&file("c.txt", b"ok\n\xff\xfebad\n"), 1, 0, false).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let e = read(&file(&dir, "c.txt", b"ok\n\xff\xfebad\n"), 1, 0, false).unwrap_err();
         assert!(e.to_string().contains("line 2: not UTF-8"), "{e}");
-        let e = read(&file("d.csv", b"prompt,n\nx,two\n"), 1, 0, false).unwrap_err();
+        let e = read(&file(&dir, "d.csv", b"prompt,n\nx,two\n"), 1, 0, false).unwrap_err();
         assert!(e.to_string().contains("line 2: n 'two'"), "{e}");
-        let e = read(&file("e.csv", b"text\nx\n"), 1, 0, false).unwrap_err();
+        let e = read(&file(&dir, "e.csv", b"text\nx\n"), 1, 0, false).unwrap_err();
         assert!(e.to_string().contains("no `prompt` column"), "{e}");
-        let e = read(&file("f.csv", b"prompt,seed\n,3\n"), 1, 0, false).unwrap_err();
+        let e = read(&file(&dir, "f.csv", b"prompt,seed\n,3\n"), 1, 0, false).unwrap_err();
         assert!(e.to_string().contains("line 2: empty prompt"), "{e}");
         assert_eq!(
-            read(&file("f.csv", b"prompt,seed\n,3\n"), 1, 0, true).unwrap()[0].seed,
+            read(&file(&dir, "f.csv", b"prompt,seed\n,3\n"), 1, 0, true).unwrap()[0].seed,
             3
         );
-        let e = read(&file("g.txt", b"\n\n"), 1, 0, false).unwrap_err();
+        let e = read(&file(&dir, "g.txt", b"\n\n"), 1, 0, false).unwrap_err();
         assert!(e.to_string().contains("no prompts"), "{e}");
     }
 }

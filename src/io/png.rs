@@ -74,8 +74,8 @@ mod tests {
 
     #[test]
     fn text_chunks_round_trip() {
-        let dir = std::env::temp_dir().join(format!("cxrgen-png-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("a.png");
         let px: Vec<u8> = (0..16).map(|i| i * 16).collect();
         let meta = [
@@ -92,6 +92,5 @@ mod tests {
         write(&path, Pixels::Sixteen(&px16), 4, &[]).unwrap();
         assert_eq!(image::open(&path).unwrap().to_luma16().as_raw(), &px16);
         assert!(!dir.join("a.png.tmp").exists());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

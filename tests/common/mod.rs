@@ -68,3 +68,13 @@ pub fn ok(out: std::process::Output) -> std::process::Output {
     );
     out
 }
+
+/// A folder for a fixture that the tests of one binary share (a prepared cache, a trained model):
+/// under cargo's `target/tmp`, emptied by each run, so that runs leave one copy in all instead of
+/// one per process in the system's temporary folder (a shared fixture is never dropped).
+pub fn shared_scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
