@@ -2,8 +2,13 @@
 """The table of scripts/gpu-check.sh, from the JSON files it wrote: python3 gpu-table.py OUT_DIR."""
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-load = lambda n: json.loads((out / f"{n}.json").read_text() or '{"failed": true}')
-fmt = lambda v, f="{:.1f}": "failed" if v is None else f.format(v)
+missing = {}  # step name → "failed" or "skipped (time budget)"
+def load(n):
+    r = json.loads((out / f"{n}.json").read_text() or '{"failed": true}')
+    if r.get("failed"):
+        missing[n] = "skipped (time budget)" if r.get("skipped") else f"failed (see {n}.log)"
+    return r
+fmt = lambda v, f="{:.1f}": "—" if v is None else f.format(v)
 print(f"# GPU results\n\nCard: {(out / 'gpu.txt').read_text().strip()} (name, driver, memory). "
       "Made by `scripts/gpu-check.sh`; raw JSON in its output folder.\n")
 print("## CUDA against the CPU (F32, `cxrgen check-device`)\n")
@@ -37,3 +42,5 @@ for lever in ["16x2-ckpt", "32x1-ckpt", "16x2-plain"]:
     print(f"| {lever.split('-')[0].replace('x', ' × ')} | {'yes' if lever.endswith('ckpt') else 'no'} | {fmt(t.get('ms_per_optimizer_step'))} | {fmt(t.get('peak_mib'), '{:.0f}')} |")
 print("\nThe paper: 7.2 GB peak on an 8 GB RTX 4060. Peak device memory is the high-water mark of "
       "candle's allocations (CUDA memory pool), without the CUDA context (~0.5 GB).")
+if missing:
+    print("\nSteps without figures (—): " + "; ".join(f"{n}: {why}" for n, why in missing.items()) + ".")
