@@ -167,8 +167,11 @@ impl CustomOp3 for ScaleShift {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached, as in conv.rs: the scale's gradient must not keep x·grad alive to the end of
+        // the backward pass through a recorded op.
+        let (x, w) = (x.detach(), w.detach());
         let rank = x.rank();
-        let grad_x = grad.broadcast_mul(&as_channels(w, self.axis, rank)?)?;
+        let grad_x = grad.broadcast_mul(&as_channels(&w, self.axis, rank)?)?;
         let grad_w = sum_except(
             &(grad.to_dtype(DType::F32)? * x.to_dtype(DType::F32)?)?,
             self.axis,

@@ -178,7 +178,11 @@ impl CustomOp2 for Conv2dGemmBackward {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (p, s, k) = (self.padding, self.stride, w.dim(2)?);
-        let grad_x = input_gradient(grad, w, (x.dim(2)?, x.dim(3)?), p, s)?;
+        // Detached: a gradient computed from tracked inputs records them, and a parameter's
+        // gradient (never detached by candle) would then keep this output gradient alive to the
+        // end of the backward pass.
+        let (x, w) = (x.detach(), w.detach());
+        let grad_x = input_gradient(grad, &w, (x.dim(2)?, x.dim(3)?), p, s)?;
         // Kernel gradient: candle's formula (the stride becomes a dilation).
         let grad_w = x
             .transpose(0, 1)?
