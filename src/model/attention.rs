@@ -102,20 +102,13 @@ impl Chunks {
 
     /// [N, Lq, d] → [N, Lq, d], chunk by chunk.
     fn forward(&self, q: &Tensor, v: &Tensor) -> Result<Tensor> {
+        // One chunk is the whole tensor: narrow and cat then return it as is, without a copy.
         let mut outs = Vec::new();
         for (start, len) in self.ranges() {
-            let qc = if len == self.lq {
-                q.clone()
-            } else {
-                q.narrow(1, start, len)?
-            };
+            let qc = q.narrow(1, start, len)?;
             outs.push(self.probabilities(&qc)?.to_dtype(v.dtype())?.matmul(v)?);
         }
-        if outs.len() == 1 {
-            Ok(outs.remove(0))
-        } else {
-            Tensor::cat(&outs, 1)
-        }
+        Tensor::cat(&outs, 1)
     }
 }
 
@@ -185,11 +178,7 @@ impl CustomOp3 for AttentionBackward {
             dq.push(ds.matmul(&k)?);
             dk = (dk + ds.t()?.matmul(&qc.contiguous()?)?.to_dtype(DType::F32)?)?;
         }
-        let dq = if dq.len() == 1 {
-            dq.remove(0)
-        } else {
-            Tensor::cat(&dq, 1)?
-        };
+        let dq = Tensor::cat(&dq, 1)?;
         Ok((
             Some(dq),
             Some(dk.to_dtype(k.dtype())?),
