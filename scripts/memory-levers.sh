@@ -7,7 +7,8 @@
 # Every row is one `cxrgen bench --train` (diffusion) or `--train-vae` run of the config's own
 # step with the row's settings; its peak is the training steps' alone (RSS on the CPU, the CUDA
 # pool's high-water mark on a GPU). About 5½ minutes on 2 CPU cores; --quick leaves out the
-# paper VAE rows (4 of the 5½ minutes).
+# paper VAE rows (4 of the 5½ minutes). CXRGEN=path/to/cxrgen uses that binary instead of building
+# target/release/cxrgen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 device=cpu quick=0
