@@ -9,7 +9,6 @@
 //! never the one `best` points at.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -17,6 +16,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::io::fs::{replace, sync_dir, write_synced};
 use crate::rng::Rng;
 
 pub const CHECKPOINTS: &str = "checkpoints";
@@ -73,24 +73,6 @@ pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, device)
         .with_context(|| format!("cannot read {}", path.display()))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::data::cache::write_synced(path, bytes)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))
-}
-
-/// Replaces `path` with `bytes` atomically: a temporary file, synced, renamed over it.
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    write_synced(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 pub struct Checkpointer {
@@ -150,9 +132,9 @@ impl Checkpointer {
             dir: name,
             step: state.step,
         })?;
-        replace_file(&self.dir.join(LAST), &pointer)?;
+        replace(&self.dir.join(LAST), &pointer)?;
         if is_best {
-            replace_file(&self.dir.join(BEST), &pointer)?;
+            replace(&self.dir.join(BEST), &pointer)?;
         }
         self.prune()?;
         Ok(final_dir)

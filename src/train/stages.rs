@@ -124,7 +124,7 @@ impl OpenedRun {
         if self.resume.is_none() {
             std::fs::create_dir_all(&self.dir)
                 .with_context(|| format!("cannot create {}", self.dir.display()))?;
-            crate::data::cache::write_synced(
+            crate::io::fs::write_synced(
                 &self.dir.join(CONFIG),
                 serde_yaml::to_string(&self.config)?.as_bytes(),
             )?;
@@ -603,9 +603,8 @@ impl Objective for DiffusionObjective {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("epoch-{epoch:04}.png"));
-        crate::io::grid::tile(&tiles, g.per_prompt, size.max(64), 2)?
-            .save(&path)
-            .with_context(|| format!("cannot write {}", path.display()))
+        let sheet = crate::io::grid::tile(&tiles, g.per_prompt, size.max(64), 2)?;
+        crate::io::fs::replace_image(&path, sheet)
     }
 
     fn checkpoint_extras(&self) -> Result<CheckpointExtras> {

@@ -130,7 +130,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    crate::data::cache::write_synced(path, kept.as_bytes())
+    crate::io::fs::replace(path, kept.as_bytes())
 }
 
 /// Draws `loss.png` in `run_dir` from its metrics: the training loss of every step and the
@@ -164,12 +164,7 @@ pub fn write_loss_plot(run_dir: &Path) -> Result<()> {
         },
     ];
     let img = crate::io::plot::plot(&series, 800, 480, "step", "loss");
-    let path = run_dir.join(LOSS_PLOT);
-    let tmp = run_dir.join(".loss.png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    crate::io::fs::replace_image(&run_dir.join(LOSS_PLOT), img)
 }
 
 /// A line for the person watching: above the progress bar, or on stderr when there is none.
