@@ -5,12 +5,11 @@
 //! into the binary so that it runs with no file at all: `paper` (configs/paper.yaml) and `tiny`
 //! (configs/tiny.yaml).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-
-pub use crate::data::record::Projection;
 
 /// The presets compiled into the binary, by name.
 pub const PRESETS: [(&str, &str); 2] = [
@@ -40,6 +39,39 @@ pub struct DataConfig {
     /// Which report sections an image's report must have to be kept.
     pub require: TextRequirement,
     pub split: SplitConfig,
+}
+
+/// The view of a radiograph (`data.views` keeps some).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projection {
+    Frontal,
+    Lateral,
+    Unknown,
+}
+
+impl Projection {
+    /// Reads the spellings the datasets use: Frontal/PA/AP, Lateral/LL/LAT; anything else (empty
+    /// included) is Unknown.
+    pub fn parse(s: &str) -> Self {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "frontal" | "pa" | "ap" | "ap supine" | "posteroanterior" | "anteroposterior" => {
+                Self::Frontal
+            }
+            "lateral" | "lat" | "ll" | "rl" => Self::Lateral,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Projection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Frontal => "frontal",
+            Self::Lateral => "lateral",
+            Self::Unknown => "unknown",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
