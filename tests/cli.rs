@@ -95,6 +95,42 @@ fn config_errors_name_the_file_and_the_key() {
 }
 
 #[test]
+fn a_config_based_on_paper_can_use_a_random_text_encoder() {
+    // The base's `encoder: {pretrained: ...}` is replaced by the child's variant, not merged
+    // with it (which serde refused as a map with two keys).
+    let dir = std::env::temp_dir().join(format!("cxrgen-cli-variant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("paper-random.yaml");
+    std::fs::write(
+        &cfg,
+        "base: paper\ntext:\n  encoder:\n    random:\n      hidden_size: 768\n      layers: 1\n      heads: 12\n      intermediate_size: 3072\n      seed: 0\n",
+    )
+    .unwrap();
+    let v = json_of(&cxrgen(&[
+        "info",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["config"]["text"]["encoder"]["random"]["layers"], 1, "{v}");
+    assert!(
+        v["config"]["text"]["encoder"].get("pretrained").is_none(),
+        "{v}"
+    );
+    // The random BERT's parameters are known without any download: embeddings and one layer.
+    let frozen = v["text_frozen_params"].as_u64().unwrap();
+    assert!((7_000_000..40_000_000).contains(&frozen), "{frozen}");
+    // And it is the encoder that runs: 768-wide states, with no download.
+    let loaded = cxrgen::config::Config::load(cfg.to_str().unwrap()).unwrap();
+    let text = cxrgen::model::TextEncoder::load(&loaded.text, &candle_core::Device::Cpu).unwrap();
+    let (hidden, _) = text
+        .encode(&["Small left pleural effusion."], &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(hidden.dims()[2], 768);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn unfinished_subcommand_says_so_and_exits_3() {
     let out = cxrgen(&["eval", "--config", "tiny"]);
     assert_eq!(out.status.code(), Some(3));
