@@ -25,11 +25,11 @@ use crate::device::DeviceChoice;
 use crate::diffusion::pipeline::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
+use crate::model::scaler::INITIAL_SCALE;
 use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
 use crate::train::losses::diffusion_loss;
 use crate::train::optim::{clip_to, global_norm, AdamW};
-use crate::train::scaler::INITIAL_SCALE;
 use crate::train::stages::{
     backward_with, checkpointing_for, compute_weights, init_diffusion_weights, ImageSource,
     VaeObjective,

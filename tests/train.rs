@@ -227,7 +227,7 @@ fn resumed_run_is_bit_identical() {
 
 #[test]
 fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
-    use cxrgen::train::checkpoint::{load_tensors, resolve};
+    use cxrgen::checkpoint::{load_tensors, resolve};
     // A checkpoint every step, so that kills land inside writes.
     let dir = tmp("kill");
     std::fs::create_dir_all(&dir).unwrap();
@@ -352,7 +352,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted"), "{err}");
-    let (_, state) = cxrgen::train::checkpoint::resolve(&run, "last.json").unwrap();
+    let (_, state) = cxrgen::checkpoint::resolve(&run, "last.json").unwrap();
     assert_eq!(
         state.step as usize,
         metric_series_len(&run),

@@ -10,10 +10,10 @@ use sha2::{Digest, Sha256};
 
 use super::samplers::{sample, ClampX0, Denoiser, ImageNoise, SamplerOptions};
 use super::schedule::NoiseSchedule;
+use crate::checkpoint::{self, TrainState, EMA, MODEL};
 use crate::config::{Config, Precision};
 use crate::model::attention::padding_bias;
 use crate::model::{TextEncoder, TextHead, UNet, Vae};
-use crate::train::checkpoint::{self, TrainState, EMA, MODEL};
 use crate::train::stages::{vae_from_bytes, TrainedVae, VAE_FILE};
 
 /// A trained latent diffusion model, ready to sample.

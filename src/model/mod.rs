@@ -8,6 +8,7 @@ pub mod init;
 pub mod layers;
 pub mod precomputed;
 pub mod resnet;
+pub mod scaler;
 pub mod standardize;
 pub mod text;
 pub mod tokenizer;

@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 
-use super::checkpoint::{self, TrainState, MODEL};
 use super::losses::{diffusion_loss, vae_loss};
 use super::trainer::{self, CheckpointExtras, Loss, Objective, TrainOptions, TrainSummary, CONFIG};
+use crate::checkpoint::{self, TrainState, MODEL};
 use crate::config::{Config, OptimizerConfig, Precision, RunConfig, VaeConfig};
 use crate::data::cache::Cache;
 use crate::data::split::Split;

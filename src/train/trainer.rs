@@ -15,11 +15,11 @@ use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::checkpoint::{self, Checkpointer, TrainState, EMA, MODEL, OPTIMIZER};
 use super::ema::Ema;
 use super::optim::{clip_to, global_norm, learning_rate, AdamW};
-use super::scaler::LossScaler;
+use crate::checkpoint::{self, Checkpointer, TrainState, EMA, MODEL, OPTIMIZER};
 use crate::config::{Config, OptimizerConfig, Precision, RunConfig};
+use crate::model::scaler::LossScaler;
 use crate::rng::Rng;
 
 pub const METRICS: &str = "metrics.jsonl";

@@ -49,7 +49,7 @@ pub struct TrainState {
     pub nonfinite_skipped: u64,
     /// The F16 loss scaler; None when the run computes in F32 or BF16.
     #[serde(default)]
-    pub loss_scaler: Option<super::scaler::LossScaler>,
+    pub loss_scaler: Option<crate::model::scaler::LossScaler>,
     /// Stage data: the VAE's latent scale, the diffusion run's VAE source, ...
     pub extra: serde_json::Value,
     pub config: Config,
