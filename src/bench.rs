@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
 
+use crate::checkpoint::Stage;
 use crate::config::{
     Config, OptimizerConfig, Precision, RandomBertConfig, RunConfig, TextEncoderSource,
 };
@@ -26,15 +27,15 @@ use crate::diffusion::pipeline::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
 use crate::model::scaler::INITIAL_SCALE;
+use crate::model::weights::{
+    backward_with, checkpointing_for, compute_weights, init_diffusion_weights, named_params,
+};
 use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
 use crate::train::losses::diffusion_loss;
 use crate::train::optim::{clip_to, global_norm, AdamW};
-use crate::train::stages::{
-    backward_with, checkpointing_for, compute_weights, init_diffusion_weights, ImageSource,
-    VaeObjective,
-};
-use crate::train::trainer::{accumulate, named_params, CheckpointExtras, Loss, Objective};
+use crate::train::stages::{ImageSource, VaeObjective};
+use crate::train::trainer::{accumulate, Loss, Objective};
 
 /// A report-like prompt of about 20 tokens.
 const PROMPT: &str = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax.";
@@ -99,7 +100,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
 
     let text = TextEncoder::load(&cfg.text, &device)?;
     let (ldm, vae_weights) = (VarMap::new(), VarMap::new());
-    init_diffusion_weights(&cfg, &text, &ldm, 1, &device)?;
+    init_diffusion_weights(&cfg, text.hidden_size(), &ldm, 1, &device)?;
     Vae::new(&cfg.vae, seeded_var_builder(&vae_weights, 2, &device))?;
 
     let header = format!(
@@ -321,8 +322,8 @@ struct RandomLatents<'a> {
 }
 
 impl Objective for RandomLatents<'_> {
-    fn stage(&self) -> &'static str {
-        "diffusion"
+    fn stage(&self) -> Stage {
+        Stage::Diffusion
     }
 
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
@@ -353,13 +354,6 @@ impl Objective for RandomLatents<'_> {
         Ok(Loss {
             total,
             parts: vec![],
-        })
-    }
-
-    fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
-        Ok(CheckpointExtras {
-            files: vec![],
-            meta: serde_json::Value::Null,
         })
     }
 
@@ -463,7 +457,12 @@ fn time_training(
     let mut rng = Rng::new(7);
     let mut step = |optimizer: &mut AdamW| -> Result<()> {
         let (mut grads, _) = accumulate(objective, &params, &batches, &mut rng, loss_scale)?
-            .with_context(|| format!("a non-finite {} loss on random inputs", objective.stage()))?;
+            .with_context(|| {
+                format!(
+                    "a non-finite {} loss on random inputs",
+                    objective.stage().name()
+                )
+            })?;
         let norm = global_norm(&grads)?;
         clip_to(&mut grads, norm, opt.grad_clip)?;
         optimizer.step(&grads, opt.lr)?;
@@ -479,7 +478,7 @@ fn time_training(
     })?;
     let per_step = ms / req.repeats as f64;
     Ok(json!({
-        "stage": objective.stage(),
+        "stage": objective.stage().name(),
         "batch": run.batch_size, "accumulation": run.grad_accumulation,
         "checkpointing": run.grad_checkpointing,
         "precision": format!("{precision:?}").to_lowercase(),

@@ -15,11 +15,10 @@ use crate::device::DeviceChoice;
 use crate::diffusion::pipeline::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::attention::padding_bias;
+use crate::model::weights::{compute_weights, init_diffusion_weights, named_params};
 use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
 use crate::train::losses::diffusion_loss;
-use crate::train::stages::{compute_weights, init_diffusion_weights};
-use crate::train::trainer::named_params;
 
 pub struct Request {
     pub config: String,
@@ -149,7 +148,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     let cpu = Device::Cpu;
 
     let (ldm, vae_weights) = (VarMap::new(), VarMap::new());
-    init_diffusion_weights(&cfg, &TextEncoder::load(&cfg.text, &cpu)?, &ldm, 11, &cpu)?;
+    let text_hidden = TextEncoder::load(&cfg.text, &cpu)?.hidden_size();
+    init_diffusion_weights(&cfg, text_hidden, &ldm, 11, &cpu)?;
     Vae::new(&cfg.vae, seeded_var_builder(&vae_weights, 12, &cpu))?;
     let mut rng = Rng::new(13);
     let (s, c, z) = (

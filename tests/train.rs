@@ -14,10 +14,11 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use cxrgen::config::{Config, Precision};
 use cxrgen::data::cache::Cache;
+use cxrgen::model::weights::named_params;
 use cxrgen::model::{seeded_var_builder, Vae};
 use cxrgen::rng::Rng;
 use cxrgen::train::stages::{train_vae as run_train_vae, RunRequest, VaeObjective};
-use cxrgen::train::trainer::{accumulate, named_params};
+use cxrgen::train::trainer::accumulate;
 
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cxrgen-train-{}-{name}", std::process::id()));
@@ -227,7 +228,8 @@ fn resumed_run_is_bit_identical() {
 
 #[test]
 fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
-    use cxrgen::checkpoint::{load_tensors, resolve};
+    use cxrgen::checkpoint::{load_tensors, Checkpoint, Pick};
+    let resolve = |run: &Path| Checkpoint::resolve(run, Pick::Last).map(|c| (c.dir, c.state));
     // A checkpoint every step, so that kills land inside writes.
     let dir = tmp("kill");
     std::fs::create_dir_all(&dir).unwrap();
@@ -238,7 +240,7 @@ fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
     )
     .unwrap();
     let run = dir.join("run");
-    let last_step = |run: &Path| resolve(run, "last.json").map(|(_, s)| s.step).unwrap_or(0);
+    let last_step = |run: &Path| resolve(run).map(|(_, s)| s.step).unwrap_or(0);
     for delay_ms in [0u64, 150, 400, 700] {
         let before = last_step(&run);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cxrgen"));
@@ -268,7 +270,7 @@ fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let (ckpt, state) = resolve(&run, "last.json").unwrap();
+        let (ckpt, state) = resolve(&run).unwrap();
         assert!(state.step > before, "progress was saved");
         assert!(!load_tensors(&ckpt.join("model.safetensors"), &Device::Cpu)
             .unwrap()
@@ -352,7 +354,9 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted"), "{err}");
-    let (_, state) = cxrgen::checkpoint::resolve(&run, "last.json").unwrap();
+    let state = cxrgen::checkpoint::Checkpoint::resolve(&run, cxrgen::checkpoint::Pick::Last)
+        .unwrap()
+        .state;
     assert_eq!(
         state.step as usize,
         metric_series_len(&run),

@@ -5,16 +5,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
 use super::samplers::{sample, ClampX0, Denoiser, ImageNoise, SamplerOptions};
 use super::schedule::NoiseSchedule;
-use crate::checkpoint::{self, TrainState, EMA, MODEL};
+use crate::checkpoint::{Checkpoint, Pick, Stage, TrainedVae, EMA, MODEL};
 use crate::config::{Config, Precision};
 use crate::model::attention::padding_bias;
-use crate::model::{TextEncoder, TextHead, UNet, Vae};
-use crate::train::stages::{vae_from_bytes, TrainedVae, VAE_FILE};
+use crate::model::{weights, TextEncoder, TextHead, UNet, Vae};
 
 /// A trained latent diffusion model, ready to sample.
 pub struct Pipeline {
@@ -285,29 +283,16 @@ impl Pipeline {
     /// folder; `ema`: sample with the EMA weights (the default) rather than the raw ones;
     /// `precision`: what the U-Net, the text head and (with an F32 fallback) the VAE compute in.
     pub fn load(path: &Path, ema: bool, device: &Device, precision: Precision) -> Result<Self> {
-        let (dir, state): (PathBuf, TrainState) = if path.join(checkpoint::STATE).is_file() {
-            (path.to_path_buf(), checkpoint::read_state(path)?)
-        } else if path.join(checkpoint::CHECKPOINTS).is_dir() {
-            checkpoint::resolve(path, checkpoint::BEST)
-                .or_else(|_| checkpoint::resolve(path, checkpoint::LAST))?
-        } else {
-            bail!("--checkpoint {}: not a train-diffusion run folder nor a checkpoint folder (no checkpoints/ or state.json)", path.display());
-        };
-        if state.stage != "diffusion" {
-            bail!(
-                "--checkpoint {}: a {} checkpoint; generation needs a train-diffusion checkpoint",
-                dir.display(),
-                state.stage
-            );
-        }
-        let cfg = state.config.clone();
-        let weights_path = dir.join(if ema { EMA } else { MODEL });
+        let ckpt = Checkpoint::resolve(path, Pick::BestElseLast)
+            .and_then(|c| c.of_stage(Stage::Diffusion))
+            .with_context(|| format!("--checkpoint {}", path.display()))?;
+        let cfg = ckpt.state.config.clone();
+        let weights_path = ckpt.dir.join(if ema { EMA } else { MODEL });
         let bytes = std::fs::read(&weights_path)
             .with_context(|| format!("cannot read {}", weights_path.display()))?;
         let weights_sha256 = format!("{:x}", Sha256::digest(&bytes));
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        let vb = weights::from_bytes(&bytes, precision.dtype(), device)
             .with_context(|| format!("{} is not a safetensors file", weights_path.display()))?;
-        let vb = VarBuilder::from_tensors(tensors, precision.dtype(), device);
         let text = TextEncoder::load(&cfg.text, device)?;
         let unet = UNet::new(
             &cfg.unet,
@@ -324,11 +309,10 @@ impl Pipeline {
         })?;
         let head = TextHead::new(text.hidden_size(), cfg.text.context_dim, vb.pp("text_head"))
             .with_context(|| format!("{} does not match the text head of its config (text.context_dim = {}, encoder hidden size {})", weights_path.display(), cfg.text.context_dim, text.hidden_size()))?;
-        let vae = TrainedVae::carried_by(&dir, &cfg, device)
-            .with_context(|| format!("the checkpoint's {VAE_FILE}"))?;
+        let vae = TrainedVae::carried_by(&ckpt, &cfg.vae, device)?;
         let vae_half = match precision {
             Precision::F32 => None,
-            p => Some(vae_from_bytes(&vae.bytes, &cfg.vae, p.dtype(), device)?),
+            p => Some(vae.in_dtype(&cfg.vae, p.dtype(), device)?),
         };
         Ok(Self {
             config: cfg,
@@ -337,11 +321,11 @@ impl Pipeline {
             text,
             vae: vae.vae,
             vae_half,
-            latent_scale: vae.latent_scale,
-            latent_range: vae.latent_range,
+            latent_scale: vae.latents.scale,
+            latent_range: vae.latents.range,
             device: device.clone(),
             weights_sha256,
-            source: dir,
+            source: ckpt.dir,
         })
     }
 

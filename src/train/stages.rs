@@ -5,25 +5,25 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use serde_json::json;
+use candle_nn::VarMap;
 
 use super::losses::{diffusion_loss, vae_loss};
-use super::trainer::{self, CheckpointExtras, Loss, Objective, TrainOptions, TrainSummary, CONFIG};
-use crate::checkpoint::{self, TrainState, MODEL};
+use super::trainer::{self, CheckpointExtras, Loss, Objective, TrainOptions, TrainSummary};
+use crate::checkpoint::{Checkpoint, Extras, Pick, Stage, TrainedVae, CONFIG};
 use crate::config::{Config, OptimizerConfig, Precision, RunConfig, VaeConfig};
 use crate::data::cache::Cache;
 use crate::data::split::Split;
 use crate::diffusion::pipeline::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
+use crate::model::latents::LatentStats;
+use crate::model::weights::{
+    backward_with, checkpointing_for, compute_weights, init_diffusion_weights,
+};
 use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, TextHead, UNet, Vae};
 use crate::rng::Rng;
-use candle_core::backprop::GradStore;
-
-/// The frozen VAE weights a diffusion checkpoint carries, so that it is complete on its own.
-pub const VAE_FILE: &str = "vae.safetensors";
 
 /// Images used to estimate the latent scale.
 const SCALE_IMAGES: usize = 256;
@@ -56,25 +56,11 @@ fn run_precision(req: &RunRequest, run: &RunConfig, stage: &str) -> Result<Preci
     crate::device::precision_on(&req.device, req.precision, run.precision)
 }
 
-/// The master weights in `varmap` cast to `dtype`, as the VarBuilder a micro-batch builds its
-/// networks from. The casts are part of the graph, so their backward pass hands F32 gradients
-/// to the master weights; in F32 the "casts" are the Vars themselves.
-pub fn compute_weights(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    let tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    VarBuilder::from_tensors(tensors, dtype, device)
-}
-
 /// A run folder, its config and the checkpoint to resume from, if any.
 struct OpenedRun {
     dir: PathBuf,
     config: Config,
-    resume: Option<(PathBuf, TrainState)>,
+    resume: Option<Checkpoint>,
 }
 
 fn open_run(req: &RunRequest) -> Result<OpenedRun> {
@@ -96,7 +82,7 @@ fn open_run(req: &RunRequest) -> Result<OpenedRun> {
                     bail!("--config {c} differs from the config of the run in {} ({}); resume without --config, or start a new run", dir.display(), first_difference(&given, &saved));
                 }
             }
-            let ckpt = checkpoint::resolve(dir, checkpoint::LAST)?;
+            let ckpt = Checkpoint::resolve(dir, Pick::Last)?;
             Ok(OpenedRun {
                 dir: dir.clone(),
                 config: saved,
@@ -240,7 +226,7 @@ impl<'a> VaeObjective<'a> {
     /// Statistics of latents sampled from the posteriors of up to 256 training images: the scale
     /// 1 / std that gives the diffusion model unit-variance inputs (Rombach et al. 2022, §4.3.2),
     /// and the range of the scaled latents, to which samplers clip their clean estimates.
-    fn latent_stats(&self) -> Result<serde_json::Value> {
+    fn latent_stats(&self) -> Result<LatentStats> {
         let mut rng = Rng::new(0x5ca1e);
         let (mut sum, mut sq, mut n) = (0f64, 0f64, 0f64);
         let (mut lo, mut hi) = (f64::MAX, f64::MIN);
@@ -260,13 +246,16 @@ impl<'a> VaeObjective<'a> {
             n += z.elem_count() as f64;
         }
         let scale = 1.0 / (sq / n - (sum / n).powi(2)).max(1e-12).sqrt();
-        Ok(json!({ "latent_scale": scale, "latent_range": [lo * scale, hi * scale] }))
+        Ok(LatentStats {
+            scale,
+            range: Some((lo * scale, hi * scale)),
+        })
     }
 }
 
 impl Objective for VaeObjective<'_> {
-    fn stage(&self) -> &'static str {
-        "vae"
+    fn stage(&self) -> Stage {
+        Stage::Vae
     }
 
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
@@ -283,7 +272,10 @@ impl Objective for VaeObjective<'_> {
     fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
         Ok(CheckpointExtras {
             files: vec![],
-            meta: self.latent_stats()?,
+            extras: Some(Extras {
+                latents: self.latent_stats()?,
+                vae_source: None,
+            }),
         })
     }
 
@@ -365,101 +357,6 @@ fn fit(
     )
 }
 
-/// A trained VAE read from a `train-vae` run (its best checkpoint, else its last).
-pub struct TrainedVae {
-    pub vae: Vae,
-    pub latent_scale: f64,
-    /// Range of the scaled training latents, if the checkpoint records it.
-    pub latent_range: Option<(f64, f64)>,
-    /// The weights file as bytes, to be carried by diffusion checkpoints.
-    pub bytes: Vec<u8>,
-    pub source: PathBuf,
-}
-
-impl TrainedVae {
-    /// From a VAE run folder (its best checkpoint, else its last), or a checkpoint folder.
-    pub fn load(path: &Path, cfg: &Config, device: &Device) -> Result<Self> {
-        let (dir, state) = if path.join(checkpoint::STATE).is_file() {
-            (path.to_path_buf(), checkpoint::read_state(path)?)
-        } else {
-            checkpoint::resolve(path, checkpoint::BEST)
-                .or_else(|_| checkpoint::resolve(path, checkpoint::LAST))?
-        };
-        if state.stage != "vae" {
-            bail!(
-                "{} is a {} checkpoint, not a VAE",
-                dir.display(),
-                state.stage
-            );
-        }
-        if state.config.vae != cfg.vae {
-            bail!(
-                "the VAE in {} was trained with another `vae:` config section than this run's",
-                dir.display()
-            );
-        }
-        Self::from_file(&dir.join(MODEL), &state, dir.clone(), cfg, device)
-    }
-
-    /// The VAE a diffusion checkpoint carries (vae.safetensors, with the scale in its state).
-    pub fn carried_by(dir: &Path, cfg: &Config, device: &Device) -> Result<Self> {
-        let state = checkpoint::read_state(dir)?;
-        let source = PathBuf::from(state.extra["vae_source"].as_str().unwrap_or_default());
-        Self::from_file(&dir.join(VAE_FILE), &state, source, cfg, device)
-    }
-
-    fn from_file(
-        path: &Path,
-        state: &TrainState,
-        source: PathBuf,
-        cfg: &Config,
-        device: &Device,
-    ) -> Result<Self> {
-        let latent_scale = state.extra["latent_scale"]
-            .as_f64()
-            .with_context(|| format!("the checkpoint of {} has no latent_scale", path.display()))?;
-        let latent_range = state.extra["latent_range"]
-            .as_array()
-            .and_then(|r| Some((r.first()?.as_f64()?, r.get(1)?.as_f64()?)));
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let vae = vae_from_bytes(&bytes, &cfg.vae, DType::F32, device)
-            .with_context(|| format!("{} does not hold this config's VAE", path.display()))?;
-        Ok(Self {
-            vae,
-            latent_scale,
-            latent_range,
-            bytes,
-            source,
-        })
-    }
-}
-
-/// Fills `varmap` with freshly initialised U-Net (`unet.`) and text-head (`text_head.`) weights.
-pub fn init_diffusion_weights(
-    cfg: &Config,
-    text: &TextEncoder,
-    varmap: &VarMap,
-    seed: u64,
-    device: &Device,
-) -> Result<()> {
-    diffusion_networks(
-        cfg,
-        text.hidden_size(),
-        seeded_var_builder(varmap, seed, device),
-    )?;
-    Ok(())
-}
-
-/// A VAE from safetensors bytes, computing in `dtype`.
-pub fn vae_from_bytes(bytes: &[u8], cfg: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
-    let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
-    Ok(Vae::new(
-        cfg,
-        VarBuilder::from_tensors(tensors, dtype, device),
-    )?)
-}
-
 struct DiffusionObjective {
     config: Config,
     vae: Vae,
@@ -471,32 +368,13 @@ struct DiffusionObjective {
     /// Posterior of every cached image under the frozen VAE: [N, C, h, w] each.
     mean: Tensor,
     logvar: Tensor,
-    latent_scale: f64,
-    latent_range: Option<(f64, f64)>,
+    latents: LatentStats,
     texts: Vec<String>,
     null_text_prob: f64,
     device: Device,
-    vae_bytes: Vec<u8>,
-    vae_source: String,
+    /// The VAE's weights file and the extras that carry it in every checkpoint.
+    carried: ((String, Vec<u8>), Extras),
     checkpoint: Option<GradCheckpoint>,
-}
-
-/// `loss.backward()` plus the gradients gradient-checkpointed segments collected.
-pub fn backward_with(loss: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<GradStore> {
-    let mut grads = loss.backward()?;
-    if let Some(c) = ckpt {
-        c.merge_into(&mut grads)?;
-    }
-    Ok(grads)
-}
-
-/// Gradient checkpointing over all of `varmap`'s parameters when the run asks for it.
-pub fn checkpointing_for(run: &RunConfig, varmap: &VarMap) -> Result<Option<GradCheckpoint>> {
-    Ok(if run.grad_checkpointing {
-        Some(GradCheckpoint::new(varmap.all_vars())?)
-    } else {
-        None
-    })
 }
 
 impl DiffusionObjective {
@@ -510,8 +388,8 @@ impl DiffusionObjective {
 }
 
 impl Objective for DiffusionObjective {
-    fn stage(&self) -> &'static str {
-        "diffusion"
+    fn stage(&self) -> Stage {
+        Stage::Diffusion
     }
 
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
@@ -534,7 +412,7 @@ impl Objective for DiffusionObjective {
         )?;
         let mean = self.mean.index_select(&idx, 0)?;
         let std = (self.logvar.index_select(&idx, 0)? * 0.5)?.exp()?;
-        let z = ((mean + (std * Tensor::cat(&eps_z, 0)?)?)? * self.latent_scale)?;
+        let z = ((mean + (std * Tensor::cat(&eps_z, 0)?)?)? * self.latents.scale)?;
         let (hidden, mask) = self.text.encode(&texts, &self.device)?;
         let (unet, head) = self.networks()?;
         let total = diffusion_loss(
@@ -581,8 +459,8 @@ impl Objective for DiffusionObjective {
             text: &self.text,
             vae: &self.vae,
             vae_half: None,
-            latent_scale: self.latent_scale,
-            latent_range: self.latent_range,
+            latent_scale: self.latents.scale,
+            latent_range: self.latents.range,
             device: &self.device,
         };
         let opts = SamplerOptions {
@@ -608,13 +486,10 @@ impl Objective for DiffusionObjective {
     }
 
     fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
+        let (file, extras) = self.carried.clone();
         Ok(CheckpointExtras {
-            files: vec![(VAE_FILE.to_string(), self.vae_bytes.clone())],
-            meta: json!({
-                "latent_scale": self.latent_scale,
-                "latent_range": self.latent_range.map(|(lo, hi)| [lo, hi]),
-                "vae_source": self.vae_source,
-            }),
+            files: vec![file],
+            extras: Some(extras),
         })
     }
 }
@@ -650,11 +525,11 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
     check_cache(&cache, &cfg)?;
     // A resumed run uses the VAE its checkpoints carry; a new one the VAE run given.
     let vae = match (&run.resume, vae_run) {
-        (Some((dir, _)), None) => TrainedVae::carried_by(dir, &cfg, &req.device)?,
+        (Some(ckpt), None) => TrainedVae::carried_by(ckpt, &cfg.vae, &req.device)?,
         (Some(_), Some(_)) => {
             bail!("--vae is not used with --resume: the run's checkpoints carry their VAE")
         }
-        (None, Some(path)) => TrainedVae::load(path, &cfg, &req.device)?,
+        (None, Some(path)) => TrainedVae::load(path, &cfg.vae, &req.device)?,
         (None, None) => {
             bail!("--vae is needed: the train-vae run (or checkpoint) whose latents to learn")
         }
@@ -664,13 +539,14 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
     let varmap = VarMap::new();
     init_diffusion_weights(
         &cfg,
-        &text,
+        text.hidden_size(),
         &varmap,
         cfg.train_diffusion.run.seed,
         &req.device,
     )?;
     let checkpoint = checkpointing_for(&cfg.train_diffusion.run, &varmap)?;
     let (mean, logvar) = encode_all(&vae.vae, &cache, &req.device, req.progress)?;
+    let carried = vae.carried();
     let objective = DiffusionObjective {
         config: cfg.clone(),
         vae: vae.vae,
@@ -680,13 +556,11 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
         schedule: NoiseSchedule::new(&cfg.diffusion),
         mean,
         logvar,
-        latent_scale: vae.latent_scale,
-        latent_range: vae.latent_range,
+        latents: vae.latents,
         texts: cache.records.iter().map(|r| r.text.clone()).collect(),
         null_text_prob: cfg.train_diffusion.null_text_prob,
         device: req.device.clone(),
-        vae_bytes: vae.bytes,
-        vae_source: vae.source.display().to_string(),
+        carried,
         checkpoint,
     };
     let t = &cfg.train_diffusion;

@@ -17,14 +17,14 @@ use serde_json::json;
 
 use super::ema::Ema;
 use super::optim::{clip_to, global_norm, learning_rate, AdamW};
-use crate::checkpoint::{self, Checkpointer, TrainState, EMA, MODEL, OPTIMIZER};
+use crate::checkpoint::{
+    self, Checkpoint, Checkpointer, Extras, Pick, Stage, TrainState, EMA, FORMAT, LOSS_PLOT,
+    METRICS, MODEL, OPTIMIZER,
+};
 use crate::config::{Config, OptimizerConfig, Precision, RunConfig};
 use crate::model::scaler::LossScaler;
 use crate::rng::Rng;
 
-pub const METRICS: &str = "metrics.jsonl";
-pub const LOSS_PLOT: &str = "loss.png";
-pub const CONFIG: &str = "config.yaml";
 const NONFINITE_GRADIENTS: &str = "non-finite gradients";
 
 /// A micro-batch's loss: the scalar to minimise and named parts to log.
@@ -35,13 +35,14 @@ pub struct Loss {
 
 /// What a stage trains.
 pub trait Objective {
-    /// `vae` or `diffusion`.
-    fn stage(&self) -> &'static str;
+    fn stage(&self) -> Stage;
     /// The loss of the training images `indices` (cache indices), drawing all randomness from
     /// `rng`, sample by sample, so that a batch gives what its samples give one at a time.
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss>;
     /// What a checkpoint of this stage carries besides the weights.
-    fn checkpoint_extras(&self) -> Result<CheckpointExtras>;
+    fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
+        Ok(CheckpointExtras::default())
+    }
     /// Gradients of `loss`, including those of gradient-checkpointed segments.
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         Ok(loss.backward()?)
@@ -58,10 +59,11 @@ pub trait Objective {
     }
 }
 
-/// Stage files (name, bytes) and metadata (stored as `extra` in state.json).
+/// Stage files (name, bytes) and the extras stored in state.json.
+#[derive(Default)]
 pub struct CheckpointExtras {
     pub files: Vec<(String, Vec<u8>)>,
-    pub meta: serde_json::Value,
+    pub extras: Option<Extras>,
 }
 
 pub struct TrainOptions {
@@ -88,19 +90,6 @@ pub struct TrainSummary {
     pub last_checkpoint: PathBuf,
     pub best_val_loss: Option<f64>,
     pub nonfinite_skipped: u64,
-}
-
-/// The trainable parameters of `varmap`, sorted by name.
-pub fn named_params(varmap: &VarMap) -> Vec<(String, Var)> {
-    let mut v: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
@@ -259,7 +248,7 @@ pub fn train(
     train_indices: &[usize],
     val_indices: &[usize],
     opts: &TrainOptions,
-    resume: Option<(PathBuf, TrainState)>,
+    resume: Option<Checkpoint>,
 ) -> Result<TrainSummary> {
     let run = &opts.run;
     let micro = run.batch_size;
@@ -276,7 +265,7 @@ pub fn train(
     let total_steps = (run.epochs * steps_per_epoch) as u64;
     let stop_at = opts.max_steps.map_or(total_steps, |m| m.min(total_steps));
 
-    let params = named_params(varmap);
+    let params = crate::model::weights::named_params(varmap);
     let mut optimizer = AdamW::new(params.clone(), &opts.optimizer)?;
     let mut ema = match opts.ema_decay {
         Some(d) => Some(Ema::new(optimizer.params(), d)?),
@@ -290,27 +279,25 @@ pub fn train(
         .map(|(_, v)| v.device().clone())
         .unwrap_or(candle_core::Device::Cpu);
     let mut state = match resume {
-        Some((dir, state)) => {
-            let model = checkpoint::load_tensors(&dir.join(MODEL), &device)?;
+        Some(ckpt) => {
+            let model = ckpt.tensors(MODEL, &device)?;
             for (name, var) in &params {
                 let t = model
                     .get(name)
-                    .with_context(|| format!("{} lacks {name}", dir.join(MODEL).display()))?;
+                    .with_context(|| format!("{} lacks {name}", ckpt.dir.join(MODEL).display()))?;
                 var.set(t)?;
             }
-            optimizer.load_state(
-                &checkpoint::load_tensors(&dir.join(OPTIMIZER), &device)?,
-                state.step,
-            )?;
+            optimizer.load_state(&ckpt.tensors(OPTIMIZER, &device)?, ckpt.state.step)?;
             if let Some(ema) = ema.as_mut() {
-                ema.load(&checkpoint::load_tensors(&dir.join(EMA), &device)?)?;
+                ema.load(&ckpt.tensors(EMA, &device)?)?;
             }
-            truncate_metrics(&metrics_path, state.step)?;
-            state
+            truncate_metrics(&metrics_path, ckpt.state.step)?;
+            ckpt.state
         }
         None => TrainState {
+            format: FORMAT,
             cxrgen_version: env!("CARGO_PKG_VERSION").to_string(),
-            stage: objective.stage().to_string(),
+            stage: objective.stage(),
             step: 0,
             total_steps,
             epoch: 0,
@@ -323,7 +310,7 @@ pub fn train(
                 .precision
                 .needs_loss_scaling()
                 .then(LossScaler::default),
-            extra: serde_json::Value::Null,
+            extra: None,
             config: opts.config.clone(),
         },
     };
@@ -339,7 +326,7 @@ pub fn train(
             ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps {msg} eta {eta}")
                 .expect("valid template"),
         );
-        b.set_prefix(objective.stage());
+        b.set_prefix(objective.stage().name());
         b.set_position(state.step);
         b
     } else {
@@ -374,7 +361,7 @@ pub fn train(
         }
         let extras = objective.checkpoint_extras()?;
         files.extend(extras.files);
-        state.extra = extras.meta;
+        state.extra = extras.extras;
         checkpointer.save(&files, state, is_best)
     };
 
@@ -454,8 +441,8 @@ pub fn train(
                     ),
                 );
                 if consecutive_bad >= run.max_nonfinite {
-                    let last = checkpoint::resolve(&opts.out, checkpoint::LAST)
-                        .map(|(d, s)| format!("{} (step {})", d.display(), s.step))
+                    let last = Checkpoint::resolve(&opts.out, Pick::Last)
+                        .map(|c| format!("{} (step {})", c.dir.display(), c.state.step))
                         .unwrap_or_else(|_| "none was written yet".into());
                     bail!(
                         "{consecutive_bad} non-finite losses in a row at step {}: stopping (max_nonfinite = {}). Last good checkpoint: {last}",
@@ -555,7 +542,7 @@ pub fn train(
     write_loss_plot(&opts.out)?;
     let last_checkpoint = match last_checkpoint {
         Some(p) => p,
-        None => checkpoint::resolve(&opts.out, checkpoint::LAST)?.0,
+        None => Checkpoint::resolve(&opts.out, Pick::Last)?.dir,
     };
     Ok(TrainSummary {
         interrupted,
