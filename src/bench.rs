@@ -23,7 +23,7 @@ use crate::config::{
     Config, OptimizerConfig, Precision, RandomBertConfig, RunConfig, TextEncoderSource,
 };
 use crate::device::DeviceChoice;
-use crate::diffusion::pipeline::Parts;
+use crate::diffusion::inferer::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
 use crate::model::scaler::INITIAL_SCALE;

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::device::DeviceChoice;
-use crate::diffusion::pipeline::Parts;
+use crate::diffusion::inferer::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::attention::padding_bias;
 use crate::model::weights::{compute_weights, init_diffusion_weights, named_params};

@@ -1,6 +1,6 @@
 //! The diffusion process: noise schedules, samplers, and classifier-free guidance.
 
-pub mod pipeline;
+pub mod inferer;
 pub mod samplers;
 pub mod schedule;
 

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::config::Precision;
-use crate::diffusion::pipeline::Pipeline;
+use crate::diffusion::inferer::Pipeline;
 use crate::diffusion::SamplerOptions;
 use crate::io::dicom;
 use crate::io::png::{self, Pixels};

@@ -15,7 +15,7 @@ use crate::checkpoint::{Checkpoint, Extras, Pick, Stage, TrainedVae, CONFIG};
 use crate::config::{Config, OptimizerConfig, Precision, RunConfig, VaeConfig};
 use crate::data::cache::Cache;
 use crate::data::split::Split;
-use crate::diffusion::pipeline::Parts;
+use crate::diffusion::inferer::Parts;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
 use crate::model::latents::LatentStats;
