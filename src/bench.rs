@@ -23,16 +23,15 @@ use crate::config::{
     Config, OptimizerConfig, Precision, RandomBertConfig, RunConfig, TextEncoderSource,
 };
 use crate::device::DeviceChoice;
-use crate::diffusion::inferer::Parts;
-use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
+use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
+use crate::model::latents::LatentStats;
 use crate::model::scaler::INITIAL_SCALE;
 use crate::model::weights::{
     backward_with, checkpointing_for, compute_weights, init_diffusion_weights, named_params,
 };
 use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
-use crate::train::losses::diffusion_loss;
 use crate::train::optim::{clip_to, global_norm, AdamW};
 use crate::train::stages::{ImageSource, VaeObjective};
 use crate::train::trainer::{accumulate, Loss, Objective};
@@ -258,11 +257,6 @@ fn sampling_rows(
     vae_weights: &VarMap,
     text: &TextEncoder,
 ) -> Result<Vec<serde_json::Value>> {
-    let (unet, head) = diffusion_networks(
-        cfg,
-        text.hidden_size(),
-        compute_weights(ldm, precision.dtype(), device),
-    )?;
     let vae = Vae::new(&cfg.vae, compute_weights(vae_weights, DType::F32, device))?;
     let vae_half = match precision {
         Precision::F32 => None,
@@ -271,18 +265,15 @@ fn sampling_rows(
             compute_weights(vae_weights, p.dtype(), device),
         )?),
     };
-    let parts = Parts {
-        config: cfg,
-        unet: &unet,
-        head: &head,
-        text,
-        vae: &vae,
-        vae_half: vae_half.as_ref(),
-        latent_scale: 1.0,
-        latent_range: Some((-4.0, 4.0)),
-        device,
-    };
-    let cond = parts.condition(PROMPT, "")?;
+    let nets = Networks::new(
+        cfg,
+        text.hidden_size(),
+        compute_weights(ldm, precision.dtype(), device),
+        vae,
+        vae_half,
+    )?;
+    let diffusion = LatentDiffusion::new(cfg, LatentStats::UNTRAINED);
+    let cond = diffusion.condition(text, &nets, PROMPT, "")?;
     let opts = |steps| SamplerOptions {
         kind: SamplerKind::Ddim,
         steps,
@@ -292,12 +283,12 @@ fn sampling_rows(
     for &b in &req.batch_sizes {
         let seeds: Vec<u64> = (0..b as u64).collect();
         // Warm-up: kernels compiled, memory pools filled.
-        parts.sample(&cond, &seeds, &opts(1), 3.0, &mut |_| {})?;
+        diffusion.sample(&nets, &cond, &seeds, &opts(1), 3.0, &mut |_| {})?;
         crate::device::reset_peak(device);
         let (latents, denoise) = time(device, || {
-            parts.denoise(&cond, &seeds, &opts(req.repeats), 3.0, &mut |_| {})
+            diffusion.denoise(&nets, &cond, &seeds, &opts(req.repeats), 3.0, &mut |_| {})
         })?;
-        let (_, decode) = time(device, || parts.decode_images(&latents))?;
+        let (_, decode) = time(device, || diffusion.decode(&nets, &latents))?;
         let step = denoise / req.repeats as f64;
         let decode = decode / b as f64;
         let per_image = (req.steps as f64 * step) / b as f64 + decode;
@@ -318,7 +309,7 @@ struct RandomLatents<'a> {
     device: &'a Device,
     precision: Precision,
     checkpoint: Option<GradCheckpoint>,
-    schedule: NoiseSchedule,
+    diffusion: LatentDiffusion,
 }
 
 impl Objective for RandomLatents<'_> {
@@ -338,19 +329,12 @@ impl Objective for RandomLatents<'_> {
         let latents = rng.randn((b, c, z, z), self.device)?;
         let noise = rng.randn((b, c, z, z), self.device)?;
         let t: Vec<usize> = (0..b)
-            .map(|_| rng.below(self.schedule.timesteps()))
+            .map(|_| rng.below(self.diffusion.timesteps()))
             .collect();
         let (hidden, mask) = self.text.encode(&vec![PROMPT; b], self.device)?;
-        let total = diffusion_loss(
-            &unet,
-            &head,
-            &self.schedule,
-            &latents,
-            &t,
-            &noise,
-            &hidden,
-            &mask,
-        )?;
+        let total = self
+            .diffusion
+            .loss(&unet, &head, &latents, &t, &noise, &hidden, &mask)?;
         Ok(Loss {
             total,
             parts: vec![],
@@ -393,7 +377,7 @@ fn diffusion_training_row(
         device,
         precision,
         checkpoint: checkpointing_for(&t.run, ldm)?,
-        schedule: NoiseSchedule::new(&cfg.diffusion),
+        diffusion: LatentDiffusion::new(cfg, LatentStats::UNTRAINED),
     };
     time_training(
         req,

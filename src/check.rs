@@ -12,13 +12,12 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::device::DeviceChoice;
-use crate::diffusion::inferer::Parts;
-use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
+use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
 use crate::model::attention::padding_bias;
+use crate::model::latents::LatentStats;
 use crate::model::weights::{compute_weights, init_diffusion_weights, named_params};
-use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
+use crate::model::{seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
-use crate::train::losses::diffusion_loss;
 
 pub struct Request {
     pub config: String,
@@ -74,15 +73,18 @@ fn compute(
     let reconstruction = vae.decode(&post.mean)?.detach();
 
     // The weights move to the device through a tracked copy: gradients come back to the CPU Vars.
-    let (unet, head) = diffusion_networks(
+    let nets = Networks::new(
         cfg,
         text.hidden_size(),
         compute_weights(ldm, DType::F32, device),
+        vae,
+        None,
     )?;
+    let (unet, head) = (&nets.unet, &nets.head);
     let (hidden, mask) = text.encode(&inputs.texts, device)?;
     let latents = inputs.latents.to_device(device)?;
     let t: Vec<f32> = inputs.t.iter().map(|&t| t as f32).collect();
-    let context = candle_core::Module::forward(&head, &hidden)?;
+    let context = candle_core::Module::forward(head, &hidden)?;
     let eps = unet
         .forward(
             &latents,
@@ -91,11 +93,10 @@ fn compute(
             Some(&padding_bias(&mask)?),
         )?
         .detach();
-    let schedule = NoiseSchedule::new(&cfg.diffusion);
-    let loss = diffusion_loss(
-        &unet,
-        &head,
-        &schedule,
+    let diffusion = LatentDiffusion::new(cfg, LatentStats::UNTRAINED);
+    let loss = diffusion.loss(
+        unet,
+        head,
         &latents,
         &inputs.t,
         &inputs.noise.to_device(device)?,
@@ -115,23 +116,21 @@ fn compute(
         .collect::<Result<Vec<_>>>()?;
     let gradients = Tensor::cat(&gradients, 0)?;
 
-    let parts = Parts {
-        config: cfg,
-        unet: &unet,
-        head: &head,
-        text: &text,
-        vae: &vae,
-        vae_half: None,
-        latent_scale: 1.0,
-        latent_range: Some((-4.0, 4.0)),
-        device,
-    };
     let opts = SamplerOptions {
         kind: SamplerKind::Ddim,
         steps: 10,
         eta: 0.0,
     };
-    let images = parts.generate(inputs.texts[0], "", &[0, 1], &opts, 3.0, &mut |_| {})?;
+    let images = diffusion.generate(
+        &text,
+        &nets,
+        inputs.texts[0],
+        "",
+        &[0, 1],
+        &opts,
+        3.0,
+        &mut |_| {},
+    )?;
     let images = Tensor::new(images.concat(), &Device::Cpu)?;
     Ok(Outputs {
         reconstruction,

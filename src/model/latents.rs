@@ -14,3 +14,12 @@ pub struct LatentStats {
     #[serde(rename = "latent_range", default)]
     pub range: Option<(f64, f64)>,
 }
+
+impl LatentStats {
+    /// For networks that were never trained (`cxrgen bench`, `cxrgen check-device`): latents
+    /// taken as they are, clean estimates clipped to ±4 as a trained VAE's range would.
+    pub const UNTRAINED: Self = Self {
+        scale: 1.0,
+        range: Some((-4.0, 4.0)),
+    };
+}

@@ -9,14 +9,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
-use super::losses::{diffusion_loss, vae_loss};
+use super::losses::vae_loss;
 use super::trainer::{self, CheckpointExtras, Loss, Objective, TrainOptions, TrainSummary};
 use crate::checkpoint::{Checkpoint, Extras, Pick, Stage, TrainedVae, CONFIG};
 use crate::config::{Config, OptimizerConfig, Precision, RunConfig, VaeConfig};
 use crate::data::cache::Cache;
 use crate::data::split::Split;
-use crate::diffusion::inferer::Parts;
-use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
+use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
 use crate::model::latents::LatentStats;
 use crate::model::weights::{
@@ -364,11 +363,10 @@ struct DiffusionObjective {
     varmap: VarMap,
     dtype: DType,
     text: TextEncoder,
-    schedule: NoiseSchedule,
+    diffusion: LatentDiffusion,
     /// Posterior of every cached image under the frozen VAE: [N, C, h, w] each.
     mean: Tensor,
     logvar: Tensor,
-    latents: LatentStats,
     texts: Vec<String>,
     null_text_prob: f64,
     device: Device,
@@ -401,7 +399,7 @@ impl Objective for DiffusionObjective {
         for &i in indices {
             let null = rng.uniform() < self.null_text_prob;
             texts.push(if null { "" } else { self.texts[i].as_str() });
-            t.push(rng.below(self.schedule.timesteps()));
+            t.push(rng.below(self.diffusion.timesteps()));
             eps_z.push(rng.randn((1, c, h, w), &self.device)?);
             noise.push(rng.randn((1, c, h, w), &self.device)?);
         }
@@ -412,13 +410,14 @@ impl Objective for DiffusionObjective {
         )?;
         let mean = self.mean.index_select(&idx, 0)?;
         let std = (self.logvar.index_select(&idx, 0)? * 0.5)?.exp()?;
-        let z = ((mean + (std * Tensor::cat(&eps_z, 0)?)?)? * self.latents.scale)?;
+        let z = self
+            .diffusion
+            .scale(&(mean + (std * Tensor::cat(&eps_z, 0)?)?)?)?;
         let (hidden, mask) = self.text.encode(&texts, &self.device)?;
         let (unet, head) = self.networks()?;
-        let total = diffusion_loss(
+        let total = self.diffusion.loss(
             &unet,
             &head,
-            &self.schedule,
             &z,
             &t,
             &Tensor::cat(&noise, 0)?,
@@ -451,18 +450,7 @@ impl Objective for DiffusionObjective {
             &self.device,
         );
         let cfg = &self.config;
-        let (unet, head) = diffusion_networks(cfg, self.text.hidden_size(), vb)?;
-        let parts = Parts {
-            config: cfg,
-            unet: &unet,
-            head: &head,
-            text: &self.text,
-            vae: &self.vae,
-            vae_half: None,
-            latent_scale: self.latents.scale,
-            latent_range: self.latents.range,
-            device: &self.device,
-        };
+        let nets = Networks::new(cfg, self.text.hidden_size(), vb, self.vae.clone(), None)?;
         let opts = SamplerOptions {
             kind: SamplerKind::Ddim,
             steps: g.steps,
@@ -472,7 +460,17 @@ impl Objective for DiffusionObjective {
         let size = cfg.data.image_size as u32;
         let mut tiles = Vec::new();
         for prompt in &g.prompts {
-            for img in parts.generate(prompt, "", &seeds, &opts, g.guidance_scale, &mut |_| {})? {
+            let images = self.diffusion.generate(
+                &self.text,
+                &nets,
+                prompt,
+                "",
+                &seeds,
+                &opts,
+                g.guidance_scale,
+                &mut |_| {},
+            )?;
+            for img in images {
                 let px = img.iter().map(|v| (v * 255.0).round() as u8).collect();
                 tiles.push(image::GrayImage::from_raw(size, size, px).expect("size² pixels"));
             }
@@ -553,10 +551,9 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
         varmap: varmap.clone(),
         dtype: precision.dtype(),
         text,
-        schedule: NoiseSchedule::new(&cfg.diffusion),
+        diffusion: LatentDiffusion::new(&cfg, vae.latents),
         mean,
         logvar,
-        latents: vae.latents,
         texts: cache.records.iter().map(|r| r.text.clone()).collect(),
         null_text_prob: cfg.train_diffusion.null_text_prob,
         device: req.device.clone(),
