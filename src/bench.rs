@@ -32,8 +32,8 @@ use crate::model::weights::{
 };
 use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
+use crate::train::diffusion::{ImageSource, VaeObjective};
 use crate::train::optim::{clip_to, global_norm, AdamW};
-use crate::train::stages::{ImageSource, VaeObjective};
 use crate::train::trainer::{accumulate, Loss, Objective};
 
 /// A report-like prompt of about 20 tokens.

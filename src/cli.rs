@@ -331,11 +331,11 @@ pub fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::TrainVae(args) => {
-            let summary = crate::train::stages::train_vae(&train_request(&args)?)?;
+            let summary = crate::train::diffusion::train_vae(&train_request(&args)?)?;
             report_training(&summary)
         }
         Command::TrainDiffusion(args) => {
-            let summary = crate::train::stages::train_diffusion(
+            let summary = crate::train::diffusion::train_diffusion(
                 &train_request(&args.common)?,
                 args.vae.as_deref(),
             )?;
@@ -401,8 +401,8 @@ fn generate_request(a: GenerateArgs) -> crate::generate::Request {
     }
 }
 
-fn train_request(args: &TrainArgs) -> Result<crate::train::stages::RunRequest> {
-    Ok(crate::train::stages::RunRequest {
+fn train_request(args: &TrainArgs) -> Result<crate::train::diffusion::RunRequest> {
+    Ok(crate::train::diffusion::RunRequest {
         config: args.config.clone(),
         data: args.data.clone(),
         out: args.out.clone(),

@@ -17,7 +17,7 @@ use cxrgen::data::cache::Cache;
 use cxrgen::model::weights::named_params;
 use cxrgen::model::{seeded_var_builder, Vae};
 use cxrgen::rng::Rng;
-use cxrgen::train::stages::{train_vae as run_train_vae, RunRequest, VaeObjective};
+use cxrgen::train::diffusion::{train_vae as run_train_vae, RunRequest, VaeObjective};
 use cxrgen::train::trainer::accumulate;
 
 fn tmp(name: &str) -> PathBuf {
