@@ -13,28 +13,23 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
 
-use crate::checkpoint::Stage;
 use crate::config::{
     Config, OptimizerConfig, Precision, RandomBertConfig, RunConfig, TextEncoderSource,
 };
 use crate::device::DeviceChoice;
 use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
-use crate::model::checkpointing::GradCheckpoint;
 use crate::model::latents::LatentStats;
 use crate::model::scaler::INITIAL_SCALE;
-use crate::model::weights::{
-    backward_with, checkpointing_for, compute_weights, init_diffusion_weights, named_params,
-};
-use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
+use crate::model::weights::{checkpointing_for, compute_weights, init_diffusion_weights};
+use crate::model::{seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
-use crate::train::diffusion::{ImageSource, VaeObjective};
-use crate::train::optim::{clip_to, global_norm, AdamW};
-use crate::train::trainer::{accumulate, Loss, Objective};
+use crate::train::optim::global_norm;
+use crate::train::trainer::{Objective, Stepper};
+use crate::train::{DiffusionObjective, ImageSource, Posteriors, VaeObjective};
 
 /// A report-like prompt of about 20 tokens.
 const PROMPT: &str = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax.";
@@ -301,51 +296,6 @@ fn sampling_rows(
     Ok(rows)
 }
 
-/// train-diffusion's loss on random latents and timesteps: the trainer's path without a dataset.
-struct RandomLatents<'a> {
-    cfg: &'a Config,
-    text: &'a TextEncoder,
-    ldm: &'a VarMap,
-    device: &'a Device,
-    precision: Precision,
-    checkpoint: Option<GradCheckpoint>,
-    diffusion: LatentDiffusion,
-}
-
-impl Objective for RandomLatents<'_> {
-    fn stage(&self) -> Stage {
-        Stage::Diffusion
-    }
-
-    fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
-        let (b, c, z) = (
-            indices.len(),
-            self.cfg.vae.latent_channels,
-            self.cfg.latent_size(),
-        );
-        let vb = compute_weights(self.ldm, self.precision.dtype(), self.device);
-        let (mut unet, head) = diffusion_networks(self.cfg, self.text.hidden_size(), vb)?;
-        unet.set_checkpointing(self.checkpoint.clone());
-        let latents = rng.randn((b, c, z, z), self.device)?;
-        let noise = rng.randn((b, c, z, z), self.device)?;
-        let t: Vec<usize> = (0..b)
-            .map(|_| rng.below(self.diffusion.timesteps()))
-            .collect();
-        let (hidden, mask) = self.text.encode(&vec![PROMPT; b], self.device)?;
-        let total = self
-            .diffusion
-            .loss(&unet, &head, &latents, &t, &noise, &hidden, &mask)?;
-        Ok(Loss {
-            total,
-            parts: vec![],
-        })
-    }
-
-    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        backward_with(loss, self.checkpoint.as_ref())
-    }
-}
-
 /// Random pixels in [−1, 1] for train-vae's loss: speed and memory do not depend on the images.
 struct RandomImages {
     size: usize,
@@ -370,15 +320,24 @@ fn diffusion_training_row(
 ) -> Result<serde_json::Value> {
     let t = &cfg.train_diffusion;
     let precision = crate::device::precision_on(device, req.precision, t.run.precision)?;
-    let objective = RandomLatents {
-        cfg,
-        text,
-        ldm,
-        device,
-        precision,
-        checkpoint: checkpointing_for(&t.run, ldm)?,
-        diffusion: LatentDiffusion::new(cfg, LatentStats::UNTRAINED),
+    let diffusion = LatentDiffusion::new(cfg, LatentStats::UNTRAINED);
+    // Unit-variance latents stand in for a cache's posteriors: speed does not depend on them.
+    let (b, c, z) = (t.run.batch_size, cfg.vae.latent_channels, cfg.latent_size());
+    let posteriors = Posteriors {
+        mean: Tensor::zeros((b, c, z, z), DType::F32, device)?,
+        logvar: Tensor::zeros((b, c, z, z), DType::F32, device)?,
     };
+    let objective = DiffusionObjective::new(
+        cfg,
+        ldm,
+        text,
+        &diffusion,
+        posteriors,
+        vec![PROMPT.to_string(); b],
+        device.clone(),
+    )
+    .with_precision(precision)
+    .with_checkpointing(checkpointing_for(&t.run, ldm)?);
     time_training(
         req,
         device,
@@ -430,8 +389,7 @@ fn time_training(
     weights: &VarMap,
     (run, opt): (&RunConfig, &OptimizerConfig),
 ) -> Result<serde_json::Value> {
-    let params = named_params(weights);
-    let mut optimizer = AdamW::new(params.clone(), opt)?;
+    let mut stepper = Stepper::new(weights, opt, None)?;
     let batches = vec![(0..run.batch_size).collect::<Vec<usize>>(); run.grad_accumulation];
     let loss_scale = if precision.needs_loss_scaling() {
         INITIAL_SCALE
@@ -439,8 +397,9 @@ fn time_training(
         1.0
     };
     let mut rng = Rng::new(7);
-    let mut step = |optimizer: &mut AdamW| -> Result<()> {
-        let (mut grads, _) = accumulate(objective, &params, &batches, &mut rng, loss_scale)?
+    let mut step = |stepper: &mut Stepper| -> Result<()> {
+        let (grads, _) = stepper
+            .gradients(objective, &batches, &mut rng, loss_scale)?
             .with_context(|| {
                 format!(
                     "a non-finite {} loss on random inputs",
@@ -448,15 +407,13 @@ fn time_training(
                 )
             })?;
         let norm = global_norm(&grads)?;
-        clip_to(&mut grads, norm, opt.grad_clip)?;
-        optimizer.step(&grads, opt.lr)?;
-        Ok(())
+        stepper.apply(grads, norm, opt.lr, 0)
     };
-    step(&mut optimizer)?;
+    step(&mut stepper)?;
     crate::device::reset_peak(device);
     let (_, ms) = time(device, || {
         for _ in 0..req.repeats {
-            step(&mut optimizer)?;
+            step(&mut stepper)?;
         }
         Ok(())
     })?;

@@ -331,14 +331,12 @@ pub fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::TrainVae(args) => {
-            let summary = crate::train::diffusion::train_vae(&train_request(&args)?)?;
+            let summary = crate::train::train_vae(&train_request(&args)?)?;
             report_training(&summary)
         }
         Command::TrainDiffusion(args) => {
-            let summary = crate::train::diffusion::train_diffusion(
-                &train_request(&args.common)?,
-                args.vae.as_deref(),
-            )?;
+            let summary =
+                crate::train::train_diffusion(&train_request(&args.common)?, args.vae.as_deref())?;
             report_training(&summary)
         }
         Command::Generate(args) => crate::generate::run(&generate_request(args)),
@@ -401,8 +399,8 @@ fn generate_request(a: GenerateArgs) -> crate::generate::Request {
     }
 }
 
-fn train_request(args: &TrainArgs) -> Result<crate::train::diffusion::RunRequest> {
-    Ok(crate::train::diffusion::RunRequest {
+fn train_request(args: &TrainArgs) -> Result<crate::train::RunRequest> {
+    Ok(crate::train::RunRequest {
         config: args.config.clone(),
         data: args.data.clone(),
         out: args.out.clone(),

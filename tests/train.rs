@@ -17,8 +17,8 @@ use cxrgen::data::cache::Cache;
 use cxrgen::model::weights::named_params;
 use cxrgen::model::{seeded_var_builder, Vae};
 use cxrgen::rng::Rng;
-use cxrgen::train::diffusion::{train_vae as run_train_vae, RunRequest, VaeObjective};
 use cxrgen::train::trainer::accumulate;
+use cxrgen::train::{train_vae as run_train_vae, RunRequest, VaeObjective};
 
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cxrgen-train-{}-{name}", std::process::id()));
