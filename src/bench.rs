@@ -24,7 +24,7 @@ use crate::device::DeviceChoice;
 use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
 use crate::model::latents::LatentStats;
 use crate::model::scaler::INITIAL_SCALE;
-use crate::model::weights::{checkpointing_for, compute_weights, init_diffusion_weights};
+use crate::model::weights::{compute_weights, init_diffusion_weights, Trainable};
 use crate::model::{seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
 use crate::train::optim::global_norm;
@@ -327,17 +327,17 @@ fn diffusion_training_row(
         mean: Tensor::zeros((b, c, z, z), DType::F32, device)?,
         logvar: Tensor::zeros((b, c, z, z), DType::F32, device)?,
     };
+    let weights = Trainable::new(ldm, device)
+        .with_precision(precision)
+        .with_checkpointing(&t.run)?;
     let objective = DiffusionObjective::new(
         cfg,
-        ldm,
+        weights,
         text,
         &diffusion,
         posteriors,
         vec![PROMPT.to_string(); b],
-        device.clone(),
-    )
-    .with_precision(precision)
-    .with_checkpointing(checkpointing_for(&t.run, ldm)?);
+    );
     time_training(
         req,
         device,
@@ -353,28 +353,22 @@ fn diffusion_training_row(
 fn vae_training_row(req: &Request, cfg: &Config, device: &Device) -> Result<serde_json::Value> {
     let t = &cfg.train_vae;
     let precision = crate::device::precision_on(device, req.precision, t.run.precision)?;
-    let weights = VarMap::new();
-    Vae::new(&cfg.vae, seeded_var_builder(&weights, 3, device))?;
+    let varmap = VarMap::new();
+    Vae::new(&cfg.vae, seeded_var_builder(&varmap, 3, device))?;
     let images = RandomImages {
         size: cfg.data.image_size,
         channels: cfg.vae.image_channels,
     };
-    let objective = VaeObjective::new(
-        &cfg.vae,
-        &weights,
-        &images,
-        t.kl_weight,
-        device.clone(),
-        vec![],
-    )
-    .with_precision(precision)
-    .with_checkpointing(checkpointing_for(&t.run, &weights)?);
+    let weights = Trainable::new(&varmap, device)
+        .with_precision(precision)
+        .with_checkpointing(&t.run)?;
+    let objective = VaeObjective::new(&cfg.vae, weights, &images, t.kl_weight, vec![]);
     time_training(
         req,
         device,
         precision,
         &objective,
-        &weights,
+        &varmap,
         (&t.run, &t.optimizer),
     )
 }

@@ -14,7 +14,7 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use cxrgen::config::{Config, Precision};
 use cxrgen::data::cache::Cache;
-use cxrgen::model::weights::named_params;
+use cxrgen::model::weights::{named_params, Trainable};
 use cxrgen::model::{seeded_var_builder, Vae};
 use cxrgen::rng::Rng;
 use cxrgen::train::trainer::accumulate;
@@ -65,17 +65,16 @@ fn tiny_vae_weights() -> VarMap {
     varmap
 }
 
-/// The tiny config's VAE objective on `cache`, training the weights in `varmap`.
-fn vae_objective<'a>(cache: &'a Cache, varmap: &VarMap) -> VaeObjective<'a> {
-    let cfg = Config::load("tiny").unwrap();
-    VaeObjective::new(
-        &cfg.vae,
-        varmap,
-        cache,
-        cfg.train_vae.kl_weight,
-        Device::Cpu,
-        vec![],
-    )
+/// The tiny config's VAE objective on `cache`, training the weights in `varmap`, computing in
+/// `precision`.
+fn vae_objective<'a>(
+    cfg: &'a Config,
+    cache: &'a Cache,
+    varmap: &VarMap,
+    precision: Precision,
+) -> VaeObjective<'a> {
+    let weights = Trainable::new(varmap, &Device::Cpu).with_precision(precision);
+    VaeObjective::new(&cfg.vae, weights, cache, cfg.train_vae.kl_weight, vec![])
 }
 
 fn metric_series(run: &Path, key: &str) -> Vec<f64> {
@@ -168,7 +167,8 @@ fn vae_and_diffusion_losses_fall_by_half() {
 #[test]
 fn accumulated_micro_batches_equal_one_large_batch() {
     let (cache, varmap) = (Cache::open(cache()).unwrap(), tiny_vae_weights());
-    let objective = vae_objective(&cache, &varmap);
+    let cfg = Config::load("tiny").unwrap();
+    let objective = vae_objective(&cfg, &cache, &varmap, Precision::F32);
     let params = named_params(&varmap);
     let idx: Vec<usize> = (0..8).collect();
     let (big, _) = accumulate(
@@ -378,10 +378,11 @@ fn f16_gradients_reach_the_f32_master_weights_and_match_f32() {
     // Mixed precision as CUDA runs it, on the CPU (emulated F16): casts of the F32 master weights,
     // statistics in F32, the loss scaled up for the backward pass and the gradients scaled down.
     let (cache, varmap) = (Cache::open(cache()).unwrap(), tiny_vae_weights());
+    let cfg = Config::load("tiny").unwrap();
     let params = named_params(&varmap);
     let batch = vec![(0..4).collect::<Vec<usize>>()];
     let grads = |precision, scale| {
-        let objective = vae_objective(&cache, &varmap).with_precision(precision);
+        let objective = vae_objective(&cfg, &cache, &varmap, precision);
         accumulate(&objective, &params, &batch, &mut Rng::new(9), scale)
             .unwrap()
             .expect("finite loss")

@@ -1,6 +1,6 @@
 //! The trained weights as the networks see them: named parameters, F32 master weights cast to
 //! the compute precision, weights read from safetensors bytes, fresh U-Net and text-head weights,
-//! and gradient checkpointing over them.
+//! and the weights being trained ([`Trainable`]: precision and gradient checkpointing).
 
 use std::collections::HashMap;
 
@@ -11,7 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::checkpointing::GradCheckpoint;
 use super::{diffusion_networks, seeded_var_builder};
-use crate::config::{Config, RunConfig};
+use crate::config::{Config, Precision, RunConfig};
 
 /// The trainable parameters of `varmap`, sorted by name.
 pub fn named_params(varmap: &VarMap) -> Vec<(String, Var)> {
@@ -59,20 +59,65 @@ pub fn init_diffusion_weights(
     Ok(())
 }
 
-/// Gradient checkpointing over all of `varmap`'s parameters when the run asks for it.
-pub fn checkpointing_for(run: &RunConfig, varmap: &VarMap) -> Result<Option<GradCheckpoint>> {
-    Ok(if run.grad_checkpointing {
-        Some(GradCheckpoint::new(varmap.all_vars())?)
-    } else {
-        None
-    })
+/// The F32 master weights being trained, and how the networks compute with them: in a
+/// precision (the master weights stay F32), with or without gradient checkpointing over them.
+pub struct Trainable {
+    varmap: VarMap,
+    device: Device,
+    dtype: DType,
+    checkpoint: Option<GradCheckpoint>,
 }
 
-/// `loss.backward()` plus the gradients gradient-checkpointed segments collected.
-pub fn backward_with(loss: &Tensor, ckpt: Option<&GradCheckpoint>) -> Result<GradStore> {
-    let mut grads = loss.backward()?;
-    if let Some(c) = ckpt {
-        c.merge_into(&mut grads)?;
+impl Trainable {
+    /// The weights in `varmap`, computing in F32 without gradient checkpointing.
+    pub fn new(varmap: &VarMap, device: &Device) -> Self {
+        Self {
+            varmap: varmap.clone(),
+            device: device.clone(),
+            dtype: DType::F32,
+            checkpoint: None,
+        }
     }
-    Ok(grads)
+
+    /// Computes in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.dtype = precision.dtype();
+        self
+    }
+
+    /// Gradient checkpointing over all the weights when `run` asks for it.
+    pub fn with_checkpointing(mut self, run: &RunConfig) -> Result<Self> {
+        if run.grad_checkpointing {
+            self.checkpoint = Some(GradCheckpoint::new(self.varmap.all_vars())?);
+        }
+        Ok(self)
+    }
+
+    /// The weights as the networks read them, in the compute precision ([`compute_weights`]).
+    pub fn compute(&self) -> VarBuilder<'static> {
+        self.in_dtype(self.dtype)
+    }
+
+    /// The weights cast to `dtype`.
+    pub fn in_dtype(&self, dtype: DType) -> VarBuilder<'static> {
+        compute_weights(&self.varmap, dtype, &self.device)
+    }
+
+    /// The gradient checkpointing the networks are to use.
+    pub fn checkpoint(&self) -> Option<GradCheckpoint> {
+        self.checkpoint.clone()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `loss.backward()` plus the gradients gradient-checkpointed segments collected.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        if let Some(c) = &self.checkpoint {
+            c.merge_into(&mut grads)?;
+        }
+        Ok(grads)
+    }
 }

@@ -13,13 +13,10 @@ use candle_nn::{VarBuilder, VarMap};
 use super::run::{open_cache, run_precision, OpenedRun, RunRequest, StageSettings};
 use super::trainer::{CheckpointExtras, Loss, Objective, TrainSummary};
 use crate::checkpoint::{Stage, TrainedVae};
-use crate::config::{Config, Precision};
+use crate::config::Config;
 use crate::data::cache::Cache;
 use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
-use crate::model::checkpointing::GradCheckpoint;
-use crate::model::weights::{
-    backward_with, checkpointing_for, compute_weights, init_diffusion_weights,
-};
+use crate::model::weights::{init_diffusion_weights, Trainable};
 use crate::model::{diffusion_networks, TextEncoder, TextHead, UNet, Vae};
 use crate::rng::Rng;
 
@@ -57,60 +54,41 @@ impl Posteriors {
 /// report replaced by the empty text with the config's `null_text_prob`.
 pub struct DiffusionObjective<'a> {
     config: &'a Config,
-    /// The F32 master weights of the U-Net (`unet.`) and the text head (`text_head.`).
-    varmap: VarMap,
-    dtype: DType,
+    /// The U-Net's (`unet.`) and the text head's (`text_head.`).
+    weights: Trainable,
     text: &'a TextEncoder,
     diffusion: &'a LatentDiffusion,
     posteriors: Posteriors,
     /// The report of each posterior.
     texts: Vec<String>,
-    device: Device,
-    checkpoint: Option<GradCheckpoint>,
 }
 
 impl<'a> DiffusionObjective<'a> {
-    /// Trains the U-Net and text head whose weights `varmap` holds, in F32 without gradient
-    /// checkpointing.
+    /// Trains the U-Net and the text head of `config` whose weights are `weights`, on latents
+    /// drawn from `posteriors`, conditioned on `texts` (one per posterior).
     pub fn new(
         config: &'a Config,
-        varmap: &VarMap,
+        weights: Trainable,
         text: &'a TextEncoder,
         diffusion: &'a LatentDiffusion,
         posteriors: Posteriors,
         texts: Vec<String>,
-        device: Device,
     ) -> Self {
         Self {
             config,
-            varmap: varmap.clone(),
-            dtype: DType::F32,
+            weights,
             text,
             diffusion,
             posteriors,
             texts,
-            device,
-            checkpoint: None,
         }
-    }
-
-    /// Computes in `precision` (the master weights stay F32).
-    pub fn with_precision(mut self, precision: Precision) -> Self {
-        self.dtype = precision.dtype();
-        self
-    }
-
-    /// Gradient checkpointing over the networks' parameters (None: none).
-    pub fn with_checkpointing(mut self, checkpoint: Option<GradCheckpoint>) -> Self {
-        self.checkpoint = checkpoint;
-        self
     }
 
     /// The U-Net and the text head on the current weights, in the run's precision.
     fn networks(&self) -> Result<(UNet, TextHead)> {
-        let vb = compute_weights(&self.varmap, self.dtype, &self.device);
+        let vb = self.weights.compute();
         let (mut unet, head) = diffusion_networks(self.config, self.text.hidden_size(), vb)?;
-        unet.set_checkpointing(self.checkpoint.clone());
+        unet.set_checkpointing(self.weights.checkpoint());
         Ok((unet, head))
     }
 }
@@ -122,6 +100,7 @@ impl Objective for DiffusionObjective<'_> {
 
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
         let (_, c, h, w) = self.posteriors.mean.dims4()?;
+        let device = self.weights.device();
         let null_text_prob = self.config.train_diffusion.null_text_prob;
         let mut texts = Vec::with_capacity(indices.len());
         let mut t = Vec::with_capacity(indices.len());
@@ -131,20 +110,20 @@ impl Objective for DiffusionObjective<'_> {
             let null = rng.uniform() < null_text_prob;
             texts.push(if null { "" } else { self.texts[i].as_str() });
             t.push(rng.below(self.diffusion.timesteps()));
-            eps_z.push(rng.randn((1, c, h, w), &self.device)?);
-            noise.push(rng.randn((1, c, h, w), &self.device)?);
+            eps_z.push(rng.randn((1, c, h, w), device)?);
+            noise.push(rng.randn((1, c, h, w), device)?);
         }
         let idx = Tensor::from_vec(
             indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
             indices.len(),
-            &self.device,
+            device,
         )?;
         let mean = self.posteriors.mean.index_select(&idx, 0)?;
         let std = (self.posteriors.logvar.index_select(&idx, 0)? * 0.5)?.exp()?;
         let z = self
             .diffusion
             .scale(&(mean + (std * Tensor::cat(&eps_z, 0)?)?)?)?;
-        let (hidden, mask) = self.text.encode(&texts, &self.device)?;
+        let (hidden, mask) = self.text.encode(&texts, device)?;
         let (unet, head) = self.networks()?;
         let total = self.diffusion.loss(
             &unet,
@@ -162,7 +141,7 @@ impl Objective for DiffusionObjective<'_> {
     }
 
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        backward_with(loss, self.checkpoint.as_ref())
+        self.weights.backward(loss)
     }
 }
 
@@ -205,7 +184,7 @@ impl Objective for DiffusionStage<'_> {
         if g.every == 0 || !epoch.is_multiple_of(g.every) {
             return Ok(());
         }
-        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &o.device);
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, o.weights.device());
         let nets = Networks::new(
             o.config,
             o.text.hidden_size(),
@@ -270,21 +249,13 @@ pub fn train_diffusion(req: &RunRequest, vae_run: Option<&Path>) -> Result<Train
     let text = TextEncoder::load(&cfg.text, &req.device)?;
     let varmap = VarMap::new();
     init_diffusion_weights(cfg, text.hidden_size(), &varmap, t.run.seed, &req.device)?;
-    let checkpoint = checkpointing_for(&t.run, &varmap)?;
     let posteriors = Posteriors::encode(&vae.vae, &cache, &req.device, req.progress)?;
     let diffusion = LatentDiffusion::new(cfg, vae.latents);
     let texts = cache.records.iter().map(|r| r.text.clone()).collect();
-    let objective = DiffusionObjective::new(
-        cfg,
-        &varmap,
-        &text,
-        &diffusion,
-        posteriors,
-        texts,
-        req.device.clone(),
-    )
-    .with_precision(precision)
-    .with_checkpointing(checkpoint);
+    let weights = Trainable::new(&varmap, &req.device)
+        .with_precision(precision)
+        .with_checkpointing(&t.run)?;
+    let objective = DiffusionObjective::new(cfg, weights, &text, &diffusion, posteriors, texts);
     let stage = StageSettings {
         run: &t.run,
         optimizer: &t.optimizer,

@@ -10,12 +10,11 @@ use super::losses::vae_loss;
 use super::run::{open_cache, run_precision, OpenedRun, RunRequest, StageSettings};
 use super::trainer::{CheckpointExtras, Loss, Objective, TrainSummary};
 use crate::checkpoint::{Extras, Stage};
-use crate::config::{Precision, VaeConfig};
+use crate::config::VaeConfig;
 use crate::data::cache::Cache;
 use crate::data::split::Split;
-use crate::model::checkpointing::GradCheckpoint;
 use crate::model::latents::LatentStats;
-use crate::model::weights::{backward_with, checkpointing_for, compute_weights};
+use crate::model::weights::Trainable;
 use crate::model::{seeded_var_builder, Vae};
 use crate::rng::Rng;
 
@@ -37,58 +36,30 @@ impl ImageSource for Cache {
 
 /// Stage 1: reconstruction + KL on cached images.
 pub struct VaeObjective<'a> {
-    config: VaeConfig,
-    /// The F32 master weights.
-    varmap: VarMap,
-    dtype: DType,
+    config: &'a VaeConfig,
+    weights: Trainable,
     images: &'a dyn ImageSource,
     kl_weight: f64,
-    device: Device,
     scale_indices: Vec<usize>,
-    checkpoint: Option<GradCheckpoint>,
 }
 
 impl<'a> VaeObjective<'a> {
-    /// Trains the VAE whose weights `varmap` holds, in F32 without gradient checkpointing.
-    /// `scale_indices`: the images the latent scale is estimated on (training images).
+    /// Trains the VAE of `config` whose weights are `weights`. `scale_indices`: the images the
+    /// latent scale is estimated on (training images).
     pub fn new(
-        config: &VaeConfig,
-        varmap: &VarMap,
+        config: &'a VaeConfig,
+        weights: Trainable,
         images: &'a dyn ImageSource,
         kl_weight: f64,
-        device: Device,
         scale_indices: Vec<usize>,
     ) -> Self {
         Self {
-            config: config.clone(),
-            varmap: varmap.clone(),
-            dtype: DType::F32,
+            config,
+            weights,
             images,
             kl_weight,
-            device,
             scale_indices,
-            checkpoint: None,
         }
-    }
-
-    /// Computes in `precision` (the master weights stay F32).
-    pub fn with_precision(mut self, precision: Precision) -> Self {
-        self.dtype = precision.dtype();
-        self
-    }
-
-    /// Gradient checkpointing over the VAE's parameters (None: none).
-    pub fn with_checkpointing(mut self, checkpoint: Option<GradCheckpoint>) -> Self {
-        self.checkpoint = checkpoint;
-        self
-    }
-
-    /// The VAE on the current weights, computing in `dtype`.
-    fn vae(&self, dtype: DType) -> Result<Vae> {
-        Ok(Vae::new(
-            &self.config,
-            compute_weights(&self.varmap, dtype, &self.device),
-        )?)
     }
 
     /// Statistics of latents sampled from the posteriors of up to 256 training images: the scale
@@ -101,11 +72,12 @@ impl<'a> VaeObjective<'a> {
         let f64_of = |t: Tensor| -> Result<f64> {
             Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
         };
-        let vae = self.vae(DType::F32)?;
+        let device = self.weights.device();
+        let vae = Vae::new(self.config, self.weights.in_dtype(DType::F32))?;
         for chunk in self.scale_indices.chunks(16) {
-            let post = vae.encode(&self.images.images(chunk, &self.device)?)?;
+            let post = vae.encode(&self.images.images(chunk, device)?)?;
             let z = post
-                .sample(&rng.randn(post.mean.shape(), &self.device)?)?
+                .sample(&rng.randn(post.mean.shape(), device)?)?
                 .detach();
             sum += f64_of(z.sum_all()?)?;
             sq += f64_of(z.sqr()?.sum_all()?)?;
@@ -127,9 +99,9 @@ impl Objective for VaeObjective<'_> {
     }
 
     fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
-        let images = self.images.images(indices, &self.device)?;
-        let mut vae = self.vae(self.dtype)?;
-        vae.set_checkpointing(self.checkpoint.clone());
+        let images = self.images.images(indices, self.weights.device())?;
+        let mut vae = Vae::new(self.config, self.weights.compute())?;
+        vae.set_checkpointing(self.weights.checkpoint());
         let l = vae_loss(&vae, &images, self.kl_weight, rng)?;
         Ok(Loss {
             total: l.total,
@@ -148,7 +120,7 @@ impl Objective for VaeObjective<'_> {
     }
 
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        backward_with(loss, self.checkpoint.as_ref())
+        self.weights.backward(loss)
     }
 }
 
@@ -169,16 +141,10 @@ pub fn train_vae(req: &RunRequest) -> Result<TrainSummary> {
         .into_iter()
         .take(SCALE_IMAGES)
         .collect();
-    let objective = VaeObjective::new(
-        &cfg.vae,
-        &varmap,
-        &cache,
-        t.kl_weight,
-        req.device.clone(),
-        scale_images,
-    )
-    .with_precision(precision)
-    .with_checkpointing(checkpointing_for(&t.run, &varmap)?);
+    let weights = Trainable::new(&varmap, &req.device)
+        .with_precision(precision)
+        .with_checkpointing(&t.run)?;
+    let objective = VaeObjective::new(&cfg.vae, weights, &cache, t.kl_weight, scale_images);
     let stage = StageSettings {
         run: &t.run,
         optimizer: &t.optimizer,
