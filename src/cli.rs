@@ -339,14 +339,16 @@ pub fn run() -> Result<ExitCode> {
                 crate::train::train_diffusion(&train_request(&args.common)?, args.vae.as_deref())?;
             report_training(&summary)
         }
-        Command::Generate(args) => crate::generate::run(&generate_request(args)),
+        Command::Generate(args) => crate::cmd::generate::run(&generate_request(args)),
         Command::Eval(_) => not_implemented("eval", "a later issue"),
-        Command::CheckDevice(a) => crate::check::run(&crate::check::Request {
-            config: a.config,
-            device: a.device,
-            json: a.json,
-        }),
-        Command::Bench(a) => crate::bench::run(&crate::bench::Request {
+        Command::CheckDevice(a) => {
+            crate::cmd::check_device::run(&crate::cmd::check_device::Request {
+                config: a.config,
+                device: a.device,
+                json: a.json,
+            })
+        }
+        Command::Bench(a) => crate::cmd::bench::run(&crate::cmd::bench::Request {
             config: a.config,
             device: a.device,
             precision: a.precision.map(Into::into),
@@ -361,13 +363,13 @@ pub fn run() -> Result<ExitCode> {
     }
 }
 
-fn generate_request(a: GenerateArgs) -> crate::generate::Request {
+fn generate_request(a: GenerateArgs) -> crate::cmd::generate::Request {
     use crate::diffusion::SamplerKind;
-    crate::generate::Request {
+    crate::cmd::generate::Request {
         checkpoint: a.checkpoint,
         prompts: match a.prompts_file {
-            Some(f) => crate::generate::Prompts::File(f),
-            None => crate::generate::Prompts::One(a.prompt),
+            Some(f) => crate::cmd::generate::Prompts::File(f),
+            None => crate::cmd::generate::Prompts::One(a.prompt),
         },
         negative_prompt: a.negative_prompt,
         unconditional: a.unconditional,
@@ -387,8 +389,8 @@ fn generate_request(a: GenerateArgs) -> crate::generate::Request {
         out: a.out,
         bits: a.bits,
         format: match a.format {
-            FormatArg::Png => crate::generate::Format::Png,
-            FormatArg::Dicom => crate::generate::Format::Dicom,
+            FormatArg::Png => crate::cmd::generate::Format::Png,
+            FormatArg::Dicom => crate::cmd::generate::Format::Dicom,
         },
         precision: a.precision.map(Into::into),
         ema: !a.no_ema,

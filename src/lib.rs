@@ -3,15 +3,13 @@
 //! Layout: [`config`] (YAML configs), [`model`] (VAE, U-Net, text encoder), [`diffusion`] (noise
 //! schedules), [`train`] (objectives), [`cli`] (the `cxrgen` command), [`rng`] (seeded randomness).
 
-pub mod bench;
-pub mod check;
 pub mod checkpoint;
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod diffusion;
-pub mod generate;
 pub mod interrupt;
 pub mod io;
 pub mod model;

@@ -142,7 +142,7 @@ fn compute(
 
 pub fn run(req: &Request) -> Result<ExitCode> {
     let mut cfg = Config::load(&req.config)?;
-    crate::bench::use_random_text_encoder(&mut cfg);
+    crate::cmd::bench::use_random_text_encoder(&mut cfg);
     let device = crate::device::open(req.device)?;
     let cpu = Device::Cpu;
 
