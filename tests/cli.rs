@@ -131,6 +131,29 @@ fn a_config_based_on_paper_can_use_a_random_text_encoder() {
 }
 
 #[test]
+fn a_reader_that_goes_away_is_not_an_error() {
+    // `cxrgen info | head -0`: stdout is closed before anything is written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cxrgen"))
+        .args(["info", "--config", "tiny"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn unfinished_subcommand_says_so_and_exits_3() {
     let out = cxrgen(&["eval", "--config", "tiny"]);
     assert_eq!(out.status.code(), Some(3));

@@ -17,11 +17,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
 
-use crate::config::{
-    Config, OptimizerConfig, Precision, RandomBertConfig, RunConfig, TextEncoderSource,
-};
+use crate::config::{Config, OptimizerConfig, Precision, RunConfig};
 use crate::device::DeviceChoice;
 use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
+use crate::io::stdout::Stdout;
 use crate::model::latents::LatentStats;
 use crate::model::scaler::INITIAL_SCALE;
 use crate::model::weights::{compute_weights, init_diffusion_weights, Trainable};
@@ -54,22 +53,6 @@ pub struct Request {
     pub json: bool,
 }
 
-/// Replaces a pretrained text encoder by a one-layer random BERT of the same width (768 when the
-/// config does not say): speed and device checks need no download.
-pub fn use_random_text_encoder(cfg: &mut Config) {
-    let hidden = cfg.text.hidden_size.unwrap_or(768);
-    if let TextEncoderSource::Pretrained(_) = cfg.text.encoder {
-        cfg.text.encoder = TextEncoderSource::Random(RandomBertConfig {
-            hidden_size: hidden,
-            layers: 1,
-            heads: (hidden / 64).max(1),
-            intermediate_size: 4 * hidden,
-            seed: 0,
-        });
-        cfg.text.hidden_size = Some(hidden);
-    }
-}
-
 /// Milliseconds `f` takes, up to the moment `device` has finished its work.
 fn time<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     device.synchronize()?;
@@ -88,7 +71,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         anyhow::bail!("--batch-sizes must each be ≥ 1, --repeats and --steps ≥ 1");
     }
     let mut cfg = Config::load(&req.config)?;
-    use_random_text_encoder(&mut cfg);
+    super::use_random_text_encoder(&mut cfg);
     let device = crate::device::open(req.device)?;
     let precision = crate::device::precision_on(&device, req.precision, Precision::F16)?;
 
@@ -120,7 +103,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     } else {
         None
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = Stdout::lock();
     if req.json {
         writeln!(
             out,

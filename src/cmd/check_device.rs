@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::device::DeviceChoice;
 use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
+use crate::io::stdout::Stdout;
 use crate::model::attention::padding_bias;
 use crate::model::latents::LatentStats;
 use crate::model::weights::{compute_weights, init_diffusion_weights, named_params};
@@ -142,7 +143,7 @@ fn compute(
 
 pub fn run(req: &Request) -> Result<ExitCode> {
     let mut cfg = Config::load(&req.config)?;
-    crate::cmd::bench::use_random_text_encoder(&mut cfg);
+    super::use_random_text_encoder(&mut cfg);
     let device = crate::device::open(req.device)?;
     let cpu = Device::Cpu;
 
@@ -201,7 +202,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     }
     let all_ok = results.iter().all(|r| r["ok"] == true);
     let name = crate::device::name(&device);
-    let mut out = std::io::stdout().lock();
+    let mut out = Stdout::lock();
     if req.json {
         writeln!(
             out,

@@ -6,3 +6,4 @@ pub mod fs;
 pub mod grid;
 pub mod plot;
 pub mod png;
+pub mod stdout;

@@ -12,6 +12,7 @@ use crate::config::Precision;
 use crate::diffusion::SamplerOptions;
 use crate::io::dicom;
 use crate::io::png::{self, Pixels};
+use crate::io::stdout::Stdout;
 
 pub mod pipeline;
 pub mod prompts;
@@ -217,7 +218,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     };
     let (date, time) = dicom::utc_now();
     let (study_uid, series_uid) = (dicom::new_uid("study"), dicom::new_uid("series"));
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = Stdout::lock();
     let mut written = 0usize;
     // Targets of one prompt are consecutive: encode each prompt once, sample its images in batches.
     for group in targets.chunk_by(|a, b| std::ptr::eq(a.job, b.job)) {
@@ -294,7 +295,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
                         "seed": target.seed, "sampler": req.sampler.kind.name(),
                         "steps": req.sampler.steps, "guidance": req.guidance,
                     });
-                    if writeln!(stdout, "{line}").is_err() {
+                    writeln!(stdout, "{line}")?;
+                    if stdout.is_closed() {
                         // A closed pipe: the reader has gone; stop quietly.
                         return Ok(ExitCode::SUCCESS);
                     }
