@@ -189,6 +189,43 @@ fn bad_input_is_a_clear_error() {
 }
 
 #[test]
+fn the_largest_seed_makes_one_image_and_no_more() {
+    let (out, again) = (dir("max-seed"), dir("max-seed-2"));
+    let max = u64::MAX.to_string();
+    let run_with = |out: &Path, n: &str| {
+        cxrgen(&[
+            "generate",
+            "--checkpoint",
+            model().to_str().unwrap(),
+            "--prompt",
+            "Left pleural effusion.",
+            "--seed",
+            &max,
+            "--n",
+            n,
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let run = ok(run_with(&out, "1"));
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(e.contains("wrote 1 image"), "{e}");
+    assert!(out.join(format!("cxr-{max}.png")).is_file());
+    // Two images would need a seed past the largest: an error, and nothing is written.
+    let o = run_with(&again, "2");
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains(&format!("--seed {max} + --n 2 overflows")),
+        "{e}"
+    );
+    assert!(!again.exists());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
 fn a_prompts_file_finishes_what_an_earlier_run_left() {
     let out = dir("prompts");
     let _ = std::fs::remove_dir_all(&out);

@@ -102,7 +102,12 @@ fn validate(req: &Request) -> Result<()> {
         bail!("--eta {}: must be a finite number ≥ 0", req.sampler.eta);
     }
     if req.seed.checked_add(req.n as u64 - 1).is_none() {
-        bail!("--seed {} + --n {} overflows", req.seed, req.n);
+        bail!(
+            "--seed {} + --n {} overflows: image i uses seed + i, and the largest seed is {}",
+            req.seed,
+            req.n,
+            u64::MAX
+        );
     }
     Ok(())
 }
@@ -185,7 +190,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     let ext = req.format.extension();
     let mut targets = Vec::new();
     for job in &jobs {
-        for seed in job.seed..job.seed + job.n as u64 {
+        // Seed by seed: `seed..seed + n` would wrap past u64::MAX to an empty range.
+        for seed in (0..job.n as u64).map(|i| job.seed + i) {
             let name = match req.prompts {
                 Prompts::One(_) => format!("cxr-{seed:08}.{ext}"),
                 Prompts::File(_) => format!("p{:05}-{seed:08}.{ext}", job.line),
