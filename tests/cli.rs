@@ -154,6 +154,38 @@ fn a_reader_that_goes_away_is_not_an_error() {
 }
 
 #[test]
+fn grid_refuses_tiles_and_rows_of_nothing() {
+    let dir = std::env::temp_dir().join(format!("cxrgen-cli-grid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("a.png");
+    image::GrayImage::from_pixel(8, 8, image::Luma([100]))
+        .save(&img)
+        .unwrap();
+    let sheet = dir.join("sheet.png");
+    let grid = |flag: &str, value: &str| {
+        cxrgen(&[
+            "grid",
+            "--out",
+            sheet.to_str().unwrap(),
+            flag,
+            value,
+            img.to_str().unwrap(),
+        ])
+    };
+    for flag in ["--tile", "--cols"] {
+        let out = grid(flag, "0");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("{flag} 0")), "{err}");
+        assert!(!sheet.exists(), "{flag} 0 wrote a sheet");
+    }
+    // One pixel is a tile: 1 + 2 × 2 gap pixels.
+    assert!(grid("--tile", "1").status.success());
+    assert_eq!(image::open(&sheet).unwrap().width(), 5);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn unfinished_subcommand_says_so_and_exits_3() {
     let out = cxrgen(&["eval", "--config", "tiny"]);
     assert_eq!(out.status.code(), Some(3));
