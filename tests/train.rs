@@ -227,6 +227,55 @@ fn resumed_run_is_bit_identical() {
 }
 
 #[test]
+fn a_run_stopped_before_its_first_checkpoint_resumes_from_step_0() {
+    // What a run killed before its first checkpoint leaves: its config, an empty checkpoints/
+    // and the metrics of the steps it took.
+    let whole = tmp("before-first-whole");
+    ok(train_vae(&whole, &["--max-steps", "3"]));
+    let run = tmp("before-first");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::copy(whole.join("config.yaml"), run.join("config.yaml")).unwrap();
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        "{\"kind\":\"step\",\"step\":1,\"loss\":9.0}\n",
+    )
+    .unwrap();
+    let (data, run_arg) = (cache().to_str().unwrap(), run.to_str().unwrap());
+    // train-diffusion cannot take its VAE from a checkpoint that was never written.
+    let out = cxrgen(&["train-diffusion", "--data", data, "--resume", run_arg]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--vae is needed") && err.contains("no checkpoint yet"),
+        "{err}"
+    );
+    let out = ok(cxrgen(&[
+        "train-vae",
+        "--data",
+        data,
+        "--resume",
+        run_arg,
+        "--max-steps",
+        "3",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no checkpoint yet") && err.contains("step 0"),
+        "{err}"
+    );
+    // It is the run that was started: the same weights and losses as one never stopped.
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(whole.join("checkpoints/step-00000003").join(file)).unwrap();
+        let b = std::fs::read(run.join("checkpoints/step-00000003").join(file)).unwrap();
+        assert!(a == b, "{file} differs");
+    }
+    assert_eq!(metric_series(&whole, "loss"), metric_series(&run, "loss"));
+    for d in [whole, run] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
 fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
     use cxrgen::checkpoint::{load_tensors, Checkpoint, Pick};
     let resolve = |run: &Path| Checkpoint::resolve(run, Pick::Last).map(|c| (c.dir, c.state));
