@@ -1,5 +1,5 @@
 //! The subcommands, one file or folder each: what `cxrgen <command>` does with the request the
-//! command line ([`crate::cli`]) made of its arguments.
+//! command line (`cli.rs`) made of its arguments.
 //!
 //! `prepare` prepare.rs · `phantom` phantom.rs · `grid` grid.rs · `train-vae`, `train-diffusion`
 //! train.rs · `generate` generate/ (the command, the pipeline it samples with, prompts files) ·
