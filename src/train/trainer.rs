@@ -302,9 +302,9 @@ struct Epoch {
     loss: (f64, usize),
 }
 
-/// The training loop of one run: [`Trainer::step`] takes an optimizer step, [`Trainer::end_epoch`]
-/// validates and checkpoints, [`Trainer::save`] writes a checkpoint; [`Trainer::run`] drives them
-/// until the run's last step or Ctrl-C.
+/// The training loop of one run: `step` takes an optimizer step, `end_epoch` validates and
+/// checkpoints, `save` writes a checkpoint; [`Trainer::run`] drives them until the run's last
+/// step or Ctrl-C.
 pub struct Trainer<'a> {
     objective: &'a dyn Objective,
     opts: &'a TrainOptions<'a>,
