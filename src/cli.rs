@@ -1,23 +1,23 @@
-//! The `cxrgen` command line: arguments → validated config → work.
+//! The `cxrgen` command line: the clap types, turned into the requests of the commands in
+//! [`crate::cmd`].
 //!
 //! Exit codes: 0 success; 1 error (the message says what and where); 2 bad arguments (from clap);
 //! 3 the subcommand is not implemented yet; 130 stopped by Ctrl-C (training saves a checkpoint
 //! first).
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Config;
-use crate::data::{
-    self,
-    prepare::{PrepareOptions, Source},
-};
+use crate::cmd;
+use crate::config::Precision;
+use crate::data::prepare::Source;
 use crate::device::DeviceChoice;
-use crate::model::param_counts;
+use crate::diffusion::{SamplerKind, SamplerOptions};
+use crate::train::RunRequest;
 
 pub const EXIT_NOT_IMPLEMENTED: u8 = 3;
 
@@ -56,14 +56,32 @@ enum Command {
     CheckDevice(CheckDeviceArgs),
 }
 
+/// `--config` of the commands that read a config (train-vae and train-diffusion have their own:
+/// with --resume it is optional).
 #[derive(Args)]
-struct CheckDeviceArgs {
+struct ConfigArg {
     /// A config file, or a built-in preset: paper, tiny.
-    #[arg(long, default_value = "tiny")]
+    #[arg(long, default_value = "paper")]
     config: String,
-    /// The device to check: cpu, cuda, cuda:N, or auto.
+}
+
+/// `--device` of every command that runs a network.
+#[derive(Args)]
+struct DeviceArg {
+    /// Where the networks run: cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a
+    /// GPU answers, else the CPU).
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     device: DeviceChoice,
+}
+
+#[derive(Args)]
+#[command(mut_arg("config", |a| a.default_value("tiny")))]
+#[command(mut_arg("device", |a| a.help("The device to check: cpu, cuda, cuda:N, or auto")))]
+struct CheckDeviceArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(flatten)]
+    device: DeviceArg,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -71,12 +89,10 @@ struct CheckDeviceArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// A config file, or a built-in preset: paper, tiny.
-    #[arg(long, default_value = "paper")]
-    config: String,
-    /// Where the networks run: cpu, cuda, cuda:N, or auto.
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
-    device: DeviceChoice,
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Compute precision (default: f16 on CUDA, f32 on the CPU; training: the config's on CUDA).
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
@@ -107,25 +123,22 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct InfoArgs {
-    /// A config file, or a built-in preset: paper, tiny.
-    #[arg(long, default_value = "paper")]
-    config: String,
+    #[command(flatten)]
+    config: ConfigArg,
     /// One JSON object on stdout: {config, vae_params, unet_params, text_trainable_params,
     /// text_frozen_params, latent_shape, device}.
     #[arg(long)]
     json: bool,
-    /// Where the networks run: cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a
-    /// GPU answers, else the CPU).
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
-    device: DeviceChoice,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["iu", "manifest"])))]
+#[command(mut_arg("config", |a| a.help("A config file, or a built-in preset: paper, tiny (its `data:` section is used)")))]
 struct PrepareArgs {
-    /// A config file, or a built-in preset (its `data:` section is used).
-    #[arg(long, default_value = "paper")]
-    config: String,
+    #[command(flatten)]
+    config: ConfigArg,
     /// An IU-CXR folder: Kaggle layout (indiana_reports.csv, indiana_projections.csv,
     /// images/images_normalized/) or Open-i (ecgen-radiology/ or NLMCXR_reports.tgz, NLMCXR_png/).
     #[arg(long, value_name = "DIR")]
@@ -200,10 +213,8 @@ struct TrainArgs {
     /// Stop after this many optimizer steps in all (the schedule still spans the configured epochs).
     #[arg(long, value_name = "N")]
     max_steps: Option<u64>,
-    /// Where the networks run: cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a
-    /// GPU answers, else the CPU).
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
-    device: DeviceChoice,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -217,10 +228,8 @@ struct TrainDiffusionArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Where the networks run: cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a
-    /// GPU answers, else the CPU).
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
-    device: DeviceChoice,
+    #[command(flatten)]
+    device: DeviceArg,
     /// A train-diffusion run folder (its best checkpoint, else its last) or checkpoint folder.
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
@@ -296,7 +305,7 @@ enum PrecisionArg {
     Bf16,
 }
 
-impl From<PrecisionArg> for crate::config::Precision {
+impl From<PrecisionArg> for Precision {
     fn from(p: PrecisionArg) -> Self {
         match p {
             PrecisionArg::F32 => Self::F32,
@@ -321,36 +330,54 @@ struct PendingArgs {
 }
 
 pub fn run() -> Result<ExitCode> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Info(args) => info(&args),
-        Command::Prepare(args) => prepare(&args),
-        Command::Phantom(args) => phantom(&args),
-        Command::Grid(args) => {
-            crate::io::grid::write_grid(&args.images, args.cols, args.tile, &args.out)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::TrainVae(args) => {
-            let summary = crate::train::stages::train_vae(&train_request(&args)?)?;
-            report_training(&summary)
-        }
-        Command::TrainDiffusion(args) => {
-            let summary = crate::train::stages::train_diffusion(
-                &train_request(&args.common)?,
-                args.vae.as_deref(),
-            )?;
-            report_training(&summary)
-        }
-        Command::Generate(args) => crate::generate::run(&generate_request(args)),
-        Command::Eval(_) => not_implemented("eval", "a later issue"),
-        Command::CheckDevice(a) => crate::check::run(&crate::check::Request {
-            config: a.config,
-            device: a.device,
+    let progress = std::io::stderr().is_terminal();
+    match Cli::parse().command {
+        Command::Info(a) => cmd::info::run(&cmd::info::Request {
+            config: a.config.config,
+            device: a.device.device,
             json: a.json,
         }),
-        Command::Bench(a) => crate::bench::run(&crate::bench::Request {
-            config: a.config,
-            device: a.device,
+        Command::Prepare(a) => cmd::prepare::run(cmd::prepare::Request {
+            config: a.config.config,
+            source: match (a.iu, a.manifest) {
+                (Some(dir), _) => Source::Iu(dir),
+                (None, Some(csv)) => Source::Manifest(csv),
+                (None, None) => unreachable!("clap requires --iu or --manifest"),
+            },
+            out: a.out,
+            split: a.split,
+            strict: a.strict,
+            force: a.force,
+            json: a.json,
+            progress,
+        }),
+        Command::Phantom(a) => cmd::phantom::run(&cmd::phantom::Request {
+            out: a.out,
+            n: a.n,
+            size: a.size,
+            seed: a.seed,
+            progress,
+        }),
+        Command::Grid(a) => cmd::grid::run(&cmd::grid::Request {
+            images: a.images,
+            cols: a.cols,
+            tile: a.tile,
+            out: a.out,
+        }),
+        Command::TrainVae(a) => cmd::train::vae(&a.request(progress)?),
+        Command::TrainDiffusion(a) => {
+            cmd::train::diffusion(&a.common.request(progress)?, a.vae.as_deref())
+        }
+        Command::Generate(a) => cmd::generate::run(&a.request(progress)),
+        Command::Eval(_) => not_implemented("eval", "a later issue"),
+        Command::CheckDevice(a) => cmd::check_device::run(&cmd::check_device::Request {
+            config: a.config.config,
+            device: a.device.device,
+            json: a.json,
+        }),
+        Command::Bench(a) => cmd::bench::run(&cmd::bench::Request {
+            config: a.config.config,
+            device: a.device.device,
             precision: a.precision.map(Into::into),
             batch_sizes: a.batch_sizes,
             steps: a.steps,
@@ -363,177 +390,62 @@ pub fn run() -> Result<ExitCode> {
     }
 }
 
-fn generate_request(a: GenerateArgs) -> crate::generate::Request {
-    use crate::diffusion::SamplerKind;
-    crate::generate::Request {
-        checkpoint: a.checkpoint,
-        prompts: match a.prompts_file {
-            Some(f) => crate::generate::Prompts::File(f),
-            None => crate::generate::Prompts::One(a.prompt),
-        },
-        negative_prompt: a.negative_prompt,
-        unconditional: a.unconditional,
-        n: a.n,
-        seed: a.seed,
-        sampler: crate::diffusion::SamplerOptions {
-            kind: match a.sampler {
-                SamplerArg::Ddim => SamplerKind::Ddim,
-                SamplerArg::DpmPp2m => SamplerKind::DpmPp2m,
-                SamplerArg::Ddpm => SamplerKind::Ddpm,
+impl GenerateArgs {
+    fn request(self, progress: bool) -> cmd::generate::Request {
+        use cmd::generate::{Format, Prompts, Request};
+        Request {
+            checkpoint: self.checkpoint,
+            prompts: match self.prompts_file {
+                Some(f) => Prompts::File(f),
+                None => Prompts::One(self.prompt),
             },
-            steps: a.steps,
-            eta: a.eta,
-        },
-        guidance: a.guidance_scale,
-        batch_size: a.batch_size,
-        out: a.out,
-        bits: a.bits,
-        format: match a.format {
-            FormatArg::Png => crate::generate::Format::Png,
-            FormatArg::Dicom => crate::generate::Format::Dicom,
-        },
-        precision: a.precision.map(Into::into),
-        ema: !a.no_ema,
-        clip: !a.no_clip,
-        json: a.json,
-        progress: std::io::stderr().is_terminal(),
-        device: a.device,
+            negative_prompt: self.negative_prompt,
+            unconditional: self.unconditional,
+            n: self.n,
+            seed: self.seed,
+            sampler: SamplerOptions {
+                kind: match self.sampler {
+                    SamplerArg::Ddim => SamplerKind::Ddim,
+                    SamplerArg::DpmPp2m => SamplerKind::DpmPp2m,
+                    SamplerArg::Ddpm => SamplerKind::Ddpm,
+                },
+                steps: self.steps,
+                eta: self.eta,
+            },
+            guidance: self.guidance_scale,
+            batch_size: self.batch_size,
+            out: self.out,
+            bits: self.bits,
+            format: match self.format {
+                FormatArg::Png => Format::Png,
+                FormatArg::Dicom => Format::Dicom,
+            },
+            precision: self.precision.map(Into::into),
+            ema: !self.no_ema,
+            clip: !self.no_clip,
+            json: self.json,
+            progress,
+            device: self.device.device,
+        }
     }
 }
 
-fn train_request(args: &TrainArgs) -> Result<crate::train::stages::RunRequest> {
-    Ok(crate::train::stages::RunRequest {
-        config: args.config.clone(),
-        data: args.data.clone(),
-        out: args.out.clone(),
-        resume: args.resume.clone(),
-        max_steps: args.max_steps,
-        device: crate::device::open(args.device)?,
-        precision: None,
-        progress: std::io::stderr().is_terminal(),
-    })
-}
-
-fn report_training(s: &crate::train::trainer::TrainSummary) -> Result<ExitCode> {
-    eprintln!(
-        "{} at step {}; last checkpoint {}; best validation loss {}; non-finite steps skipped {}",
-        if s.interrupted {
-            "interrupted"
-        } else {
-            "trained"
-        },
-        s.steps,
-        s.last_checkpoint.display(),
-        s.best_val_loss.map_or("n/a".into(), |v| format!("{v:.5}")),
-        s.nonfinite_skipped
-    );
-    Ok(if s.interrupted {
-        ExitCode::from(crate::interrupt::EXIT_CODE)
-    } else {
-        ExitCode::SUCCESS
-    })
+impl TrainArgs {
+    fn request(&self, progress: bool) -> Result<RunRequest> {
+        Ok(RunRequest {
+            config: self.config.clone(),
+            data: self.data.clone(),
+            out: self.out.clone(),
+            resume: self.resume.clone(),
+            max_steps: self.max_steps,
+            device: crate::device::open(self.device.device)?,
+            precision: None,
+            progress,
+        })
+    }
 }
 
 fn not_implemented(name: &str, issue: &str) -> Result<ExitCode> {
     eprintln!("cxrgen {name} is not implemented yet (tracked in {issue}); nothing was done.");
     Ok(ExitCode::from(EXIT_NOT_IMPLEMENTED))
-}
-
-fn prepare(args: &PrepareArgs) -> Result<ExitCode> {
-    let cfg = Config::load(&args.config)?;
-    let source = match (&args.iu, &args.manifest) {
-        (Some(dir), _) => Source::Iu(dir.clone()),
-        (None, Some(csv)) => Source::Manifest(csv.clone()),
-        (None, None) => unreachable!("clap requires --iu or --manifest"),
-    };
-    let opts = PrepareOptions {
-        source,
-        out: args.out.clone(),
-        split_file: args.split.clone(),
-        strict: args.strict,
-        force: args.force,
-        progress: std::io::stderr().is_terminal(),
-    };
-    let summary = data::prepare::prepare(&cfg, &opts)?;
-    if args.json {
-        write_stdout(&format!("{}\n", serde_json::to_string(&summary)?))?;
-    } else {
-        write_stdout(&summary.human())?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn phantom(args: &PhantomArgs) -> Result<ExitCode> {
-    if args.n == 0 {
-        anyhow::bail!("--n 0: nothing to write");
-    }
-    if !(32..=2048).contains(&args.size) {
-        anyhow::bail!("--size {}: must be between 32 and 2048 pixels", args.size);
-    }
-    if args.out.join("indiana_reports.csv").exists() {
-        anyhow::bail!(
-            "{} already holds a dataset (indiana_reports.csv); choose another --out",
-            args.out.display()
-        );
-    }
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(args.n as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    data::phantom::write_dataset(&args.out, args.n, args.size, args.seed, &bar)?;
-    bar.finish_and_clear();
-    eprintln!(
-        "wrote {} phantom radiographs of {}×{} to {}",
-        args.n,
-        args.size,
-        args.size,
-        args.out.display()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-fn info(args: &InfoArgs) -> Result<ExitCode> {
-    let cfg = Config::load(&args.config)?;
-    let device = crate::device::name(&crate::device::open(args.device)?);
-    let counts = param_counts(&cfg)?;
-    let latent = [
-        cfg.vae.latent_channels,
-        cfg.latent_size(),
-        cfg.latent_size(),
-    ];
-    if args.json {
-        let mut obj = serde_json::to_value(&counts)?;
-        obj["config"] = serde_json::to_value(&cfg)?;
-        obj["latent_shape"] = serde_json::to_value(latent)?;
-        obj["device"] = device.into();
-        write_stdout(&format!("{obj}\n"))?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let fmt = |n: Option<usize>, why: &str| match n {
-        Some(n) => format!("{n:>12}  ({:.2} M)", n as f64 / 1e6),
-        None => format!("{:>12}  ({why})", "unknown"),
-    };
-    let mut text = serde_yaml::to_string(&cfg)?;
-    text.push_str(&format!(
-        "\ndevice: {device}\nlatent: {}×{}×{} (channels × height × width)\nparameters:\n  vae           {}\n  unet          {}\n  text head     {}\n  text frozen   {}\n",
-        latent[0],
-        latent[1],
-        latent[2],
-        fmt(Some(counts.vae_params), ""),
-        fmt(Some(counts.unet_params), ""),
-        fmt(counts.text_trainable_params, "hidden size unknown: set text.hidden_size"),
-        fmt(counts.text_frozen_params, "the encoder's config.json is not on this machine"),
-    ));
-    write_stdout(&text)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Writes to stdout; a closed pipe (`cxrgen info | head`) is not an error.
-fn write_stdout(text: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
 }

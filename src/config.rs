@@ -5,12 +5,11 @@
 //! into the binary so that it runs with no file at all: `paper` (configs/paper.yaml) and `tiny`
 //! (configs/tiny.yaml).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-
-pub use crate::data::record::Projection;
 
 /// The presets compiled into the binary, by name.
 pub const PRESETS: [(&str, &str); 2] = [
@@ -40,6 +39,39 @@ pub struct DataConfig {
     /// Which report sections an image's report must have to be kept.
     pub require: TextRequirement,
     pub split: SplitConfig,
+}
+
+/// The view of a radiograph (`data.views` keeps some).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projection {
+    Frontal,
+    Lateral,
+    Unknown,
+}
+
+impl Projection {
+    /// Reads the spellings the datasets use: Frontal/PA/AP, Lateral/LL/LAT; anything else (empty
+    /// included) is Unknown.
+    pub fn parse(s: &str) -> Self {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "frontal" | "pa" | "ap" | "ap supine" | "posteroanterior" | "anteroposterior" => {
+                Self::Frontal
+            }
+            "lateral" | "lat" | "ll" | "rl" => Self::Lateral,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Projection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Frontal => "frontal",
+            Self::Lateral => "lateral",
+            Self::Unknown => "unknown",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -567,17 +599,29 @@ fn resolve_base(
     let parsed: serde_yaml::Value = serde_yaml::from_str(&text).with_context(|| origin.clone())?;
     let mut merged =
         resolve_base(parsed, base_dir.as_deref(), depth + 1).with_context(|| origin)?;
-    merge(&mut merged, value);
+    merge(&mut merged, value, "");
     Ok(merged)
 }
 
-/// Deep merge of YAML mappings: `over` wins; anything but a mapping is replaced whole.
-fn merge(base: &mut serde_yaml::Value, over: serde_yaml::Value) {
+/// The keys whose value is an enum, written as a mapping with one key that names the variant
+/// (`encoder: {random: {...}}`).
+const VARIANT_KEYS: [&str; 1] = ["text.encoder"];
+
+/// Deep merge of YAML mappings: `over` wins; anything but a mapping is replaced whole, and so is
+/// an enum (`path` one of [`VARIANT_KEYS`]) whose variant `over` changes.
+fn merge(base: &mut serde_yaml::Value, over: serde_yaml::Value, path: &str) {
     match (base, over) {
-        (serde_yaml::Value::Mapping(b), serde_yaml::Value::Mapping(o)) => {
+        (serde_yaml::Value::Mapping(b), serde_yaml::Value::Mapping(o))
+            if !(VARIANT_KEYS.contains(&path) && o.keys().any(|k| !b.contains_key(k))) =>
+        {
             for (k, v) in o {
+                let key_path = match k.as_str() {
+                    Some(name) if path.is_empty() => name.to_string(),
+                    Some(name) => format!("{path}.{name}"),
+                    None => String::new(),
+                };
                 match b.get_mut(&k) {
-                    Some(slot) => merge(slot, v),
+                    Some(slot) => merge(slot, v, &key_path),
                     None => {
                         b.insert(k, v);
                     }
@@ -697,6 +741,31 @@ mod tests {
             Config::from_yaml("base: tiny\nunet:\n  colour: 3\n").unwrap_err()
         );
         assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn a_child_config_can_switch_the_text_encoders_kind() {
+        // The base's `encoder: {pretrained: ...}` is replaced, not merged with `random`.
+        let cfg = Config::from_yaml(
+            "base: paper\ntext:\n  encoder:\n    random:\n      hidden_size: 768\n      layers: 1\n      heads: 12\n      intermediate_size: 3072\n      seed: 0\n",
+        )
+        .unwrap();
+        let TextEncoderSource::Random(r) = &cfg.text.encoder else {
+            panic!("{:?}", cfg.text.encoder)
+        };
+        assert_eq!((r.hidden_size, r.layers), (768, 1));
+        assert_eq!(
+            cfg.text.context_dim, 768,
+            "the rest of `text` comes from the base"
+        );
+        // The same variant still merges key by key.
+        let cfg =
+            Config::from_yaml("base: tiny\ntext:\n  encoder:\n    random:\n      layers: 3\n")
+                .unwrap();
+        let TextEncoderSource::Random(r) = &cfg.text.encoder else {
+            panic!("{:?}", cfg.text.encoder)
+        };
+        assert_eq!((r.layers, r.hidden_size), (3, 32));
     }
 
     #[test]

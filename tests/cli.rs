@@ -95,6 +95,97 @@ fn config_errors_name_the_file_and_the_key() {
 }
 
 #[test]
+fn a_config_based_on_paper_can_use_a_random_text_encoder() {
+    // The base's `encoder: {pretrained: ...}` is replaced by the child's variant, not merged
+    // with it (which serde refused as a map with two keys).
+    let dir = std::env::temp_dir().join(format!("cxrgen-cli-variant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("paper-random.yaml");
+    std::fs::write(
+        &cfg,
+        "base: paper\ntext:\n  encoder:\n    random:\n      hidden_size: 768\n      layers: 1\n      heads: 12\n      intermediate_size: 3072\n      seed: 0\n",
+    )
+    .unwrap();
+    let v = json_of(&cxrgen(&[
+        "info",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["config"]["text"]["encoder"]["random"]["layers"], 1, "{v}");
+    assert!(
+        v["config"]["text"]["encoder"].get("pretrained").is_none(),
+        "{v}"
+    );
+    // The random BERT's parameters are known without any download: embeddings and one layer.
+    let frozen = v["text_frozen_params"].as_u64().unwrap();
+    assert!((7_000_000..40_000_000).contains(&frozen), "{frozen}");
+    // And it is the encoder that runs: 768-wide states, with no download.
+    let loaded = cxrgen::config::Config::load(cfg.to_str().unwrap()).unwrap();
+    let text = cxrgen::model::TextEncoder::load(&loaded.text, &candle_core::Device::Cpu).unwrap();
+    let (hidden, _) = text
+        .encode(&["Small left pleural effusion."], &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(hidden.dims()[2], 768);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_reader_that_goes_away_is_not_an_error() {
+    // `cxrgen info | head -0`: stdout is closed before anything is written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cxrgen"))
+        .args(["info", "--config", "tiny"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn grid_refuses_tiles_and_rows_of_nothing() {
+    let dir = std::env::temp_dir().join(format!("cxrgen-cli-grid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("a.png");
+    image::GrayImage::from_pixel(8, 8, image::Luma([100]))
+        .save(&img)
+        .unwrap();
+    let sheet = dir.join("sheet.png");
+    let grid = |flag: &str, value: &str| {
+        cxrgen(&[
+            "grid",
+            "--out",
+            sheet.to_str().unwrap(),
+            flag,
+            value,
+            img.to_str().unwrap(),
+        ])
+    };
+    for flag in ["--tile", "--cols"] {
+        let out = grid(flag, "0");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("{flag} 0")), "{err}");
+        assert!(!sheet.exists(), "{flag} 0 wrote a sheet");
+    }
+    // One pixel is a tile: 1 + 2 × 2 gap pixels.
+    assert!(grid("--tile", "1").status.success());
+    assert_eq!(image::open(&sheet).unwrap().width(), 5);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn unfinished_subcommand_says_so_and_exits_3() {
     let out = cxrgen(&["eval", "--config", "tiny"]);
     assert_eq!(out.status.code(), Some(3));

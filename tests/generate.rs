@@ -68,7 +68,7 @@ fn model() -> &'static Path {
     })
 }
 
-/// Four images (seeds 10 to 13) unless `extra` gives `--n`.
+/// Four images (seeds 10 to 13) in 8 steps unless `extra` gives `--n`, `--seed` or `--steps`.
 fn generate(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "generate",
@@ -76,15 +76,13 @@ fn generate(out: &Path, extra: &[&str]) -> Output {
         model().to_str().unwrap(),
         "--prompt",
         "Left pleural effusion.",
-        "--seed",
-        "10",
-        "--steps",
-        "8",
         "--out",
         out.to_str().unwrap(),
     ];
-    if !extra.contains(&"--n") {
-        args.extend_from_slice(&["--n", "4"]);
+    for (flag, default) in [("--n", "4"), ("--seed", "10"), ("--steps", "8")] {
+        if !extra.contains(&flag) {
+            args.extend_from_slice(&[flag, default]);
+        }
     }
     args.extend_from_slice(extra);
     cxrgen(&args)
@@ -185,6 +183,27 @@ fn bad_input_is_a_clear_error() {
     ]));
     let e = String::from_utf8_lossy(&run.stderr);
     assert!(e.contains("truncated") && e.contains("64 tokens"), "{e}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn the_largest_seed_makes_one_image_and_no_more() {
+    let (out, again) = (dir("max-seed"), dir("max-seed-2"));
+    let max = u64::MAX.to_string();
+    let run_with = |out: &Path, n: &str| generate(out, &["--seed", &max, "--n", n, "--steps", "2"]);
+    let run = ok(run_with(&out, "1"));
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(e.contains("wrote 1 image"), "{e}");
+    assert!(out.join(format!("cxr-{max}.png")).is_file());
+    // Two images would need a seed past the largest: an error, and nothing is written.
+    let o = run_with(&again, "2");
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains(&format!("--seed {max} + --n 2 overflows")),
+        "{e}"
+    );
+    assert!(!again.exists());
     std::fs::remove_dir_all(&out).unwrap();
 }
 

@@ -10,11 +10,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use cxrgen::config::Config;
-use cxrgen::diffusion::NoiseSchedule;
+use cxrgen::diffusion::LatentDiffusion;
 use cxrgen::model::checkpointing::GradCheckpoint;
+use cxrgen::model::latents::LatentStats;
 use cxrgen::model::{seeded_var_builder, TextEncoder, TextHead, UNet, Vae};
 use cxrgen::rng::Rng;
-use cxrgen::train::losses::{diffusion_loss, vae_loss};
+use cxrgen::train::losses::vae_loss;
 
 /// Names of the Vars without a gradient, or with one that is zero up to rounding: a gradient that
 /// is zero in exact arithmetic (a key bias, a bias cancelled by the GroupNorm after it) comes out
@@ -87,7 +88,7 @@ struct UnetCase {
     varmap: VarMap,
     unet: UNet,
     head: TextHead,
-    schedule: NoiseSchedule,
+    diffusion: LatentDiffusion,
     hidden: Tensor,
     mask: Tensor,
     latents: Tensor,
@@ -119,12 +120,12 @@ impl UnetCase {
         let z = cfg.latent_size();
         let latents = rng.randn((2, cfg.vae.latent_channels, z, z), &dev).unwrap();
         let noise = rng.randn(latents.shape(), &dev).unwrap();
-        let schedule = NoiseSchedule::new(&cfg.diffusion);
+        let diffusion = LatentDiffusion::new(&cfg, LatentStats::UNTRAINED);
         Self {
             varmap,
             unet,
             head,
-            schedule,
+            diffusion,
             hidden,
             mask,
             latents,
@@ -134,17 +135,17 @@ impl UnetCase {
 
     fn loss(&self) -> Tensor {
         let (u, h) = (&self.unet, &self.head);
-        diffusion_loss(
-            u,
-            h,
-            &self.schedule,
-            &self.latents,
-            &[10, 900],
-            &self.noise,
-            &self.hidden,
-            &self.mask,
-        )
-        .unwrap()
+        self.diffusion
+            .loss(
+                u,
+                h,
+                &self.latents,
+                &[10, 900],
+                &self.noise,
+                &self.hidden,
+                &self.mask,
+            )
+            .unwrap()
     }
 }
 

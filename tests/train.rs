@@ -14,10 +14,11 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use cxrgen::config::{Config, Precision};
 use cxrgen::data::cache::Cache;
+use cxrgen::model::weights::{named_params, Trainable};
 use cxrgen::model::{seeded_var_builder, Vae};
 use cxrgen::rng::Rng;
-use cxrgen::train::stages::{train_vae as run_train_vae, RunRequest, VaeObjective};
-use cxrgen::train::trainer::{accumulate, named_params};
+use cxrgen::train::trainer::accumulate;
+use cxrgen::train::{train_vae as run_train_vae, RunRequest, VaeObjective};
 
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cxrgen-train-{}-{name}", std::process::id()));
@@ -64,17 +65,16 @@ fn tiny_vae_weights() -> VarMap {
     varmap
 }
 
-/// The tiny config's VAE objective on `cache`, training the weights in `varmap`.
-fn vae_objective<'a>(cache: &'a Cache, varmap: &VarMap) -> VaeObjective<'a> {
-    let cfg = Config::load("tiny").unwrap();
-    VaeObjective::new(
-        &cfg.vae,
-        varmap,
-        cache,
-        cfg.train_vae.kl_weight,
-        Device::Cpu,
-        vec![],
-    )
+/// The tiny config's VAE objective on `cache`, training the weights in `varmap`, computing in
+/// `precision`.
+fn vae_objective<'a>(
+    cfg: &'a Config,
+    cache: &'a Cache,
+    varmap: &VarMap,
+    precision: Precision,
+) -> VaeObjective<'a> {
+    let weights = Trainable::new(varmap, &Device::Cpu).with_precision(precision);
+    VaeObjective::new(&cfg.vae, weights, cache, cfg.train_vae.kl_weight, vec![])
 }
 
 fn metric_series(run: &Path, key: &str) -> Vec<f64> {
@@ -167,7 +167,8 @@ fn vae_and_diffusion_losses_fall_by_half() {
 #[test]
 fn accumulated_micro_batches_equal_one_large_batch() {
     let (cache, varmap) = (Cache::open(cache()).unwrap(), tiny_vae_weights());
-    let objective = vae_objective(&cache, &varmap);
+    let cfg = Config::load("tiny").unwrap();
+    let objective = vae_objective(&cfg, &cache, &varmap, Precision::F32);
     let params = named_params(&varmap);
     let idx: Vec<usize> = (0..8).collect();
     let (big, _) = accumulate(
@@ -226,8 +227,58 @@ fn resumed_run_is_bit_identical() {
 }
 
 #[test]
+fn a_run_stopped_before_its_first_checkpoint_resumes_from_step_0() {
+    // What a run killed before its first checkpoint leaves: its config, an empty checkpoints/
+    // and the metrics of the steps it took.
+    let whole = tmp("before-first-whole");
+    ok(train_vae(&whole, &["--max-steps", "3"]));
+    let run = tmp("before-first");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::copy(whole.join("config.yaml"), run.join("config.yaml")).unwrap();
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        "{\"kind\":\"step\",\"step\":1,\"loss\":9.0}\n",
+    )
+    .unwrap();
+    let (data, run_arg) = (cache().to_str().unwrap(), run.to_str().unwrap());
+    // train-diffusion cannot take its VAE from a checkpoint that was never written.
+    let out = cxrgen(&["train-diffusion", "--data", data, "--resume", run_arg]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--vae is needed") && err.contains("no checkpoint yet"),
+        "{err}"
+    );
+    let out = ok(cxrgen(&[
+        "train-vae",
+        "--data",
+        data,
+        "--resume",
+        run_arg,
+        "--max-steps",
+        "3",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no checkpoint yet") && err.contains("step 0"),
+        "{err}"
+    );
+    // It is the run that was started: the same weights and losses as one never stopped.
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(whole.join("checkpoints/step-00000003").join(file)).unwrap();
+        let b = std::fs::read(run.join("checkpoints/step-00000003").join(file)).unwrap();
+        assert!(a == b, "{file} differs");
+    }
+    assert_eq!(metric_series(&whole, "loss"), metric_series(&run, "loss"));
+    for d in [whole, run] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
 fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
-    use cxrgen::train::checkpoint::{load_tensors, resolve};
+    use cxrgen::checkpoint::{load_tensors, Checkpoint, Pick};
+    let resolve = |run: &Path| Checkpoint::resolve(run, Pick::Last).map(|c| (c.dir, c.state));
     // A checkpoint every step, so that kills land inside writes.
     let dir = tmp("kill");
     std::fs::create_dir_all(&dir).unwrap();
@@ -238,7 +289,7 @@ fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
     )
     .unwrap();
     let run = dir.join("run");
-    let last_step = |run: &Path| resolve(run, "last.json").map(|(_, s)| s.step).unwrap_or(0);
+    let last_step = |run: &Path| resolve(run).map(|(_, s)| s.step).unwrap_or(0);
     for delay_ms in [0u64, 150, 400, 700] {
         let before = last_step(&run);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cxrgen"));
@@ -268,7 +319,7 @@ fn sigkill_while_checkpointing_leaves_a_loadable_last_checkpoint() {
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let (ckpt, state) = resolve(&run, "last.json").unwrap();
+        let (ckpt, state) = resolve(&run).unwrap();
         assert!(state.step > before, "progress was saved");
         assert!(!load_tensors(&ckpt.join("model.safetensors"), &Device::Cpu)
             .unwrap()
@@ -352,7 +403,9 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted"), "{err}");
-    let (_, state) = cxrgen::train::checkpoint::resolve(&run, "last.json").unwrap();
+    let state = cxrgen::checkpoint::Checkpoint::resolve(&run, cxrgen::checkpoint::Pick::Last)
+        .unwrap()
+        .state;
     assert_eq!(
         state.step as usize,
         metric_series_len(&run),
@@ -374,10 +427,11 @@ fn f16_gradients_reach_the_f32_master_weights_and_match_f32() {
     // Mixed precision as CUDA runs it, on the CPU (emulated F16): casts of the F32 master weights,
     // statistics in F32, the loss scaled up for the backward pass and the gradients scaled down.
     let (cache, varmap) = (Cache::open(cache()).unwrap(), tiny_vae_weights());
+    let cfg = Config::load("tiny").unwrap();
     let params = named_params(&varmap);
     let batch = vec![(0..4).collect::<Vec<usize>>()];
     let grads = |precision, scale| {
-        let objective = vae_objective(&cache, &varmap).with_precision(precision);
+        let objective = vae_objective(&cfg, &cache, &varmap, precision);
         accumulate(&objective, &params, &batch, &mut Rng::new(9), scale)
             .unwrap()
             .expect("finite loss")

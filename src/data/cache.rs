@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::Projection;
 use super::split::Split;
+use crate::io::fs::write_synced;
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const META_FILE: &str = "cache.json";
@@ -50,14 +51,6 @@ pub struct CacheRecord {
 
 pub fn shard_name(i: usize) -> String {
     format!("images-{i:05}.safetensors")
-}
-
-/// Writes `bytes` to `path` and flushes it to the disk.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Writes one shard of `n` images of `size`×`size` pixels (`pixels`: n·size² bytes).

@@ -23,6 +23,7 @@ use super::record::{Collection, Dropped, Record};
 use super::split::{self, Split};
 use super::{iu, manifest};
 use crate::config::{Config, TextRequirement};
+use crate::io::fs::write_synced;
 
 /// Images per safetensors shard (64 MiB at 256×256).
 const SHARD_SIZE: usize = 1024;
@@ -255,7 +256,7 @@ pub fn prepare(cfg: &Config, opts: &PrepareOptions) -> Result<Summary> {
         .collect();
     split::write(&tmp_path.join(SPLIT_FILE), &used)?;
     write_excluded(&tmp_path.join(EXCLUDED_FILE), &collection.excluded)?;
-    cache::write_synced(
+    write_synced(
         &tmp_path.join(SUMMARY_FILE),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
@@ -264,7 +265,7 @@ pub fn prepare(cfg: &Config, opts: &PrepareOptions) -> Result<Summary> {
         image_size: size,
         shards,
     };
-    cache::write_synced(
+    write_synced(
         &tmp_path.join(META_FILE),
         serde_json::to_string_pretty(&meta)?.as_bytes(),
     )?;
@@ -338,7 +339,7 @@ fn write_records(path: &Path, kept: &[(Record, String)], splits: &[Split]) -> Re
         text.push_str(&serde_json::to_string(&rec)?);
         text.push('\n');
     }
-    cache::write_synced(path, text.as_bytes())
+    write_synced(path, text.as_bytes())
 }
 
 fn write_excluded(path: &Path, excluded: &[Dropped]) -> Result<()> {
@@ -347,7 +348,7 @@ fn write_excluded(path: &Path, excluded: &[Dropped]) -> Result<()> {
     for e in excluded {
         w.write_record([&e.item, &e.reason])?;
     }
-    cache::write_synced(path, &w.into_inner()?)
+    write_synced(path, &w.into_inner()?)
 }
 
 /// A hidden sibling of `out`, so that the final rename stays on one file system.

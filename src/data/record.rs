@@ -1,43 +1,11 @@
 //! One image with its report: what every loader produces and every later stage reads.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::Projection;
 use crate::config::{DataConfig, TextRequirement};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Projection {
-    Frontal,
-    Lateral,
-    Unknown,
-}
-
-impl Projection {
-    /// Reads the spellings the datasets use: Frontal/PA/AP, Lateral/LL/LAT; anything else (empty
-    /// included) is Unknown.
-    pub fn parse(s: &str) -> Self {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "frontal" | "pa" | "ap" | "ap supine" | "posteroanterior" | "anteroposterior" => {
-                Self::Frontal
-            }
-            "lateral" | "lat" | "ll" | "rl" => Self::Lateral,
-            _ => Self::Unknown,
-        }
-    }
-}
-
-impl fmt::Display for Projection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Frontal => "frontal",
-            Self::Lateral => "lateral",
-            Self::Unknown => "unknown",
-        })
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {

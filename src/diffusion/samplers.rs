@@ -1,4 +1,5 @@
-//! Samplers: DDPM, DDIM (η ≥ 0) and DPM-Solver++(2M), one signature for all (as in k-diffusion).
+//! Samplers: DDPM, DDIM (η ≥ 0) and DPM-Solver++(2M), one function each with one signature
+//! ([`Sampler`], as in k-diffusion): a new sampler is a new function and a [`SamplerKind`].
 //!
 //! All randomness comes from one generator per image (`seed + i` for image i), so that an image
 //! depends only on its own seed and settings, not on the batch it was generated in.
@@ -22,11 +23,21 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
+    /// The name `--sampler` takes and the images' metadata records.
     pub fn name(self) -> &'static str {
         match self {
             SamplerKind::Ddpm => "ddpm",
             SamplerKind::Ddim => "ddim",
             SamplerKind::DpmPp2m => "dpmpp-2m",
+        }
+    }
+
+    /// The function that samples this way.
+    pub fn sampler(self) -> Sampler {
+        match self {
+            SamplerKind::Ddpm => ddpm,
+            SamplerKind::Ddim => ddim,
+            SamplerKind::DpmPp2m => dpmpp_2m,
         }
     }
 }
@@ -166,8 +177,76 @@ impl ImageNoise {
     }
 }
 
-/// Runs a sampler from pure noise to a clean latent; `on_step(i)` is called after step i.
+/// A sampler: from pure noise to a clean latent, calling `on_step(i)` after step i. Every
+/// sampler has this signature (as in k-diffusion), so that adding one is adding a function.
+pub type Sampler = fn(
+    &mut dyn Denoiser,
+    &NoiseSchedule,
+    &SamplerOptions,
+    &mut ImageNoise,
+    &mut dyn FnMut(usize),
+) -> Result<Tensor>;
+
+/// Runs the sampler `opts` names.
 pub fn sample(
+    denoiser: &mut dyn Denoiser,
+    schedule: &NoiseSchedule,
+    opts: &SamplerOptions,
+    noise: &mut ImageNoise,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
+    (opts.kind.sampler())(denoiser, schedule, opts, noise, on_step)
+}
+
+/// DDIM with `opts.eta`.
+pub fn ddim(
+    denoiser: &mut dyn Denoiser,
+    schedule: &NoiseSchedule,
+    opts: &SamplerOptions,
+    noise: &mut ImageNoise,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
+    ddim_with_eta(denoiser, schedule, opts.steps, opts.eta, noise, on_step)
+}
+
+/// DDPM's ancestral sampling: DDIM with η = 1.
+pub fn ddpm(
+    denoiser: &mut dyn Denoiser,
+    schedule: &NoiseSchedule,
+    opts: &SamplerOptions,
+    noise: &mut ImageNoise,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
+    ddim_with_eta(denoiser, schedule, opts.steps, 1.0, noise, on_step)
+}
+
+fn ddim_with_eta(
+    denoiser: &mut dyn Denoiser,
+    schedule: &NoiseSchedule,
+    steps: usize,
+    eta: f64,
+    noise: &mut ImageNoise,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
+    let ac = &schedule.alphas_cumprod;
+    let ts = timesteps(schedule.timesteps(), steps);
+    let mut x = noise.draw()?;
+    for (i, &t) in ts.iter().enumerate() {
+        let alpha_next = ts.get(i + 1).map_or(1.0, |&n| ac[n]);
+        let eps = denoiser.eps(&x, t)?;
+        let c = ddim_step(ac[t], alpha_next, eta);
+        x = ((&x * c.c_x)? + (eps * c.c_eps)?)?;
+        if c.sigma > 0.0 {
+            x = (x + (noise.draw()? * c.sigma)?)?;
+        }
+        on_step(i);
+    }
+    Ok(x)
+}
+
+/// DPM-Solver++(2M): each step's clean estimate and the previous one's, second order after the
+/// first step.
+pub fn dpmpp_2m(
     denoiser: &mut dyn Denoiser,
     schedule: &NoiseSchedule,
     opts: &SamplerOptions,
@@ -179,42 +258,22 @@ pub fn sample(
     let mut x = noise.draw()?;
     let mut x0_prev: Option<Tensor> = None;
     for (i, &t) in ts.iter().enumerate() {
-        let next = ts.get(i + 1).copied();
-        let alpha_next = next.map_or(1.0, |n| ac[n]);
         let eps = denoiser.eps(&x, t)?;
-        x = match opts.kind {
-            SamplerKind::Ddim | SamplerKind::Ddpm => {
-                let eta = if opts.kind == SamplerKind::Ddpm {
-                    1.0
-                } else {
-                    opts.eta
+        let x0 = ((&x - (eps * (1.0 - ac[t]).sqrt())?)? / ac[t].sqrt())?;
+        x = match ts.get(i + 1) {
+            // The last step lands on the data: σ = 0, so x = x0 (first order).
+            None => x0.clone(),
+            Some(&n) => {
+                let prev = if i > 0 { Some(ac[ts[i - 1]]) } else { None };
+                let c = dpmpp_2m_step(ac[t], ac[n], prev.filter(|_| x0_prev.is_some()));
+                let d = match &x0_prev {
+                    Some(p) if c.w_prev != 0.0 => ((&x0 * c.w_cur)? + (p * c.w_prev)?)?,
+                    _ => x0.clone(),
                 };
-                let c = ddim_step(ac[t], alpha_next, eta);
-                let mut y = ((&x * c.c_x)? + (eps * c.c_eps)?)?;
-                if c.sigma > 0.0 {
-                    y = (y + (noise.draw()? * c.sigma)?)?;
-                }
-                y
-            }
-            SamplerKind::DpmPp2m => {
-                let x0 = ((&x - (eps * (1.0 - ac[t]).sqrt())?)? / ac[t].sqrt())?;
-                let y = match next {
-                    // The last step lands on the data: σ = 0, so x = x0 (first order).
-                    None => x0.clone(),
-                    Some(n) => {
-                        let prev = if i > 0 { Some(ac[ts[i - 1]]) } else { None };
-                        let c = dpmpp_2m_step(ac[t], ac[n], prev.filter(|_| x0_prev.is_some()));
-                        let d = match &x0_prev {
-                            Some(p) if c.w_prev != 0.0 => ((&x0 * c.w_cur)? + (p * c.w_prev)?)?,
-                            _ => x0.clone(),
-                        };
-                        ((&x * c.c_x)? + (d * c.c_d)?)?
-                    }
-                };
-                x0_prev = Some(x0);
-                y
+                ((&x * c.c_x)? + (d * c.c_d)?)?
             }
         };
+        x0_prev = Some(x0);
         on_step(i);
     }
     Ok(x)

@@ -5,7 +5,6 @@
 //! Written from the standard (PS3.3 A.8.1 Secondary Capture Image IOD, PS3.5 7.1.2 data element
 //! encoding, PS3.10 7.1 file meta information); only the attributes that IOD needs are written.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -236,19 +235,7 @@ pub fn encode_file(pixels: Pixels, size: u32, meta: &DicomMeta) -> Result<Vec<u8
 /// Writes `path` atomically (a temporary file, then a rename): a file that exists is complete.
 pub fn write(path: &Path, pixels: Pixels, size: u32, meta: &DicomMeta) -> Result<()> {
     let bytes = encode_file(pixels, size, meta)?;
-    let tmp = path.with_extension("dcm.tmp");
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", path.display())));
-    }
-    Ok(())
+    super::fs::replace(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

@@ -44,10 +44,7 @@ pub fn write_grid(
                 .to_luma8())
         })
         .collect::<Result<Vec<_>>>()?;
-    let sheet = tile(&images, cols, tile_size, 2)?;
-    sheet
-        .save(out)
-        .with_context(|| format!("cannot write {}", out.display()))
+    crate::io::fs::replace_image(out, tile(&images, cols, tile_size, 2)?)
 }
 
 #[cfg(test)]

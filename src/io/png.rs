@@ -2,7 +2,6 @@
 //! reading that metadata back.
 
 use std::collections::BTreeMap;
-use std::io::BufWriter;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -16,11 +15,16 @@ pub enum Pixels<'a> {
 /// Writes a `size`×`size` grayscale PNG with UTF-8 text chunks (iTXt), atomically: to a temporary
 /// file first, then renamed, so that a stopped run never leaves a half-written image.
 pub fn write(path: &Path, pixels: Pixels, size: u32, text: &[(&str, String)]) -> Result<()> {
-    let tmp = path.with_extension("png.tmp");
-    let result = (|| {
-        let file = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut enc = png::Encoder::new(BufWriter::new(file), size, size);
+    let bytes =
+        encode(pixels, size, text).with_context(|| format!("cannot write {}", path.display()))?;
+    super::fs::replace(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The PNG file [`write`] writes, as bytes.
+fn encode(pixels: Pixels, size: u32, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, size, size);
         enc.set_color(png::ColorType::Grayscale);
         for (k, v) in text {
             enc.add_itxt_chunk(k.to_string(), v.clone())?;
@@ -41,13 +45,8 @@ pub fn write(path: &Path, pixels: Pixels, size: u32, text: &[(&str, String)]) ->
         let mut writer = enc.write_header()?;
         writer.write_image_data(&data)?;
         writer.finish()?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", path.display())));
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    Ok(bytes)
 }
 
 /// The text chunks (tEXt, zTXt, iTXt) of a PNG file.

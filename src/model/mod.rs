@@ -1,18 +1,22 @@
-//! The three networks: the VAE, the U-Net and the text encoder, and the layers they share.
+//! The three networks: the VAE, the U-Net and the text encoder, the layers they share, and what
+//! training them in mixed precision needs (weights.rs, scaler.rs, checkpointing.rs).
 
 pub mod affine;
 pub mod attention;
 pub mod checkpointing;
 pub mod conv;
 pub mod init;
+pub mod latents;
 pub mod layers;
 pub mod precomputed;
 pub mod resnet;
+pub mod scaler;
 pub mod standardize;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weights;
 
 pub use init::{count_params, seeded_var_builder};
 pub use text::{TextEncoder, TextHead};

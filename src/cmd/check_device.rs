@@ -12,14 +12,13 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::device::DeviceChoice;
-use crate::diffusion::pipeline::Parts;
-use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
+use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
+use crate::io::stdout::Stdout;
 use crate::model::attention::padding_bias;
-use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
+use crate::model::latents::LatentStats;
+use crate::model::weights::{compute_weights, init_diffusion_weights, named_params};
+use crate::model::{seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
-use crate::train::losses::diffusion_loss;
-use crate::train::stages::{compute_weights, init_diffusion_weights};
-use crate::train::trainer::named_params;
 
 pub struct Request {
     pub config: String,
@@ -75,15 +74,18 @@ fn compute(
     let reconstruction = vae.decode(&post.mean)?.detach();
 
     // The weights move to the device through a tracked copy: gradients come back to the CPU Vars.
-    let (unet, head) = diffusion_networks(
+    let nets = Networks::new(
         cfg,
         text.hidden_size(),
         compute_weights(ldm, DType::F32, device),
+        vae,
+        None,
     )?;
+    let (unet, head) = (&nets.unet, &nets.head);
     let (hidden, mask) = text.encode(&inputs.texts, device)?;
     let latents = inputs.latents.to_device(device)?;
     let t: Vec<f32> = inputs.t.iter().map(|&t| t as f32).collect();
-    let context = candle_core::Module::forward(&head, &hidden)?;
+    let context = candle_core::Module::forward(head, &hidden)?;
     let eps = unet
         .forward(
             &latents,
@@ -92,11 +94,10 @@ fn compute(
             Some(&padding_bias(&mask)?),
         )?
         .detach();
-    let schedule = NoiseSchedule::new(&cfg.diffusion);
-    let loss = diffusion_loss(
-        &unet,
-        &head,
-        &schedule,
+    let diffusion = LatentDiffusion::new(cfg, LatentStats::UNTRAINED);
+    let loss = diffusion.loss(
+        unet,
+        head,
         &latents,
         &inputs.t,
         &inputs.noise.to_device(device)?,
@@ -116,23 +117,21 @@ fn compute(
         .collect::<Result<Vec<_>>>()?;
     let gradients = Tensor::cat(&gradients, 0)?;
 
-    let parts = Parts {
-        config: cfg,
-        unet: &unet,
-        head: &head,
-        text: &text,
-        vae: &vae,
-        vae_half: None,
-        latent_scale: 1.0,
-        latent_range: Some((-4.0, 4.0)),
-        device,
-    };
     let opts = SamplerOptions {
         kind: SamplerKind::Ddim,
         steps: 10,
         eta: 0.0,
     };
-    let images = parts.generate(inputs.texts[0], "", &[0, 1], &opts, 3.0, &mut |_| {})?;
+    let images = diffusion.generate(
+        &text,
+        &nets,
+        inputs.texts[0],
+        "",
+        &[0, 1],
+        &opts,
+        3.0,
+        &mut |_| {},
+    )?;
     let images = Tensor::new(images.concat(), &Device::Cpu)?;
     Ok(Outputs {
         reconstruction,
@@ -144,12 +143,13 @@ fn compute(
 
 pub fn run(req: &Request) -> Result<ExitCode> {
     let mut cfg = Config::load(&req.config)?;
-    crate::bench::use_random_text_encoder(&mut cfg);
+    super::use_random_text_encoder(&mut cfg);
     let device = crate::device::open(req.device)?;
     let cpu = Device::Cpu;
 
     let (ldm, vae_weights) = (VarMap::new(), VarMap::new());
-    init_diffusion_weights(&cfg, &TextEncoder::load(&cfg.text, &cpu)?, &ldm, 11, &cpu)?;
+    let text_hidden = TextEncoder::load(&cfg.text, &cpu)?.hidden_size();
+    init_diffusion_weights(&cfg, text_hidden, &ldm, 11, &cpu)?;
     Vae::new(&cfg.vae, seeded_var_builder(&vae_weights, 12, &cpu))?;
     let mut rng = Rng::new(13);
     let (s, c, z) = (
@@ -202,7 +202,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     }
     let all_ok = results.iter().all(|r| r["ok"] == true);
     let name = crate::device::name(&device);
-    let mut out = std::io::stdout().lock();
+    let mut out = Stdout::lock();
     if req.json {
         writeln!(
             out,

@@ -9,12 +9,15 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::config::Precision;
-use crate::diffusion::pipeline::Pipeline;
 use crate::diffusion::SamplerOptions;
 use crate::io::dicom;
 use crate::io::png::{self, Pixels};
+use crate::io::stdout::Stdout;
 
+pub mod pipeline;
 pub mod prompts;
+
+use pipeline::Pipeline;
 
 /// The notice every generated image carries (paper §5.4: mark synthetic images).
 pub const SYNTHETIC_NOTICE: &str = "SYNTHETIC IMAGE - NOT FOR DIAGNOSTIC USE";
@@ -99,7 +102,12 @@ fn validate(req: &Request) -> Result<()> {
         bail!("--eta {}: must be a finite number ≥ 0", req.sampler.eta);
     }
     if req.seed.checked_add(req.n as u64 - 1).is_none() {
-        bail!("--seed {} + --n {} overflows", req.seed, req.n);
+        bail!(
+            "--seed {} + --n {} overflows: image i uses seed + i, and the largest seed is {}",
+            req.seed,
+            req.n,
+            u64::MAX
+        );
     }
     Ok(())
 }
@@ -137,15 +145,26 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     };
     let device = crate::device::open(req.device)?;
     let precision = crate::device::precision_on(&device, req.precision, Precision::F16)?;
-    let pipeline = Pipeline::load(&req.checkpoint, req.ema, &device, precision)?;
-    let t_max = pipeline.config.diffusion.timesteps;
+    let Pipeline {
+        config,
+        text,
+        networks,
+        diffusion,
+        weights_sha256,
+    } = Pipeline::load(&req.checkpoint, req.ema, &device, precision)?;
+    let diffusion = if req.clip {
+        diffusion
+    } else {
+        diffusion.without_clip()
+    };
+    let t_max = diffusion.timesteps();
     if req.sampler.steps > t_max {
         bail!(
             "--steps {}: the model has {t_max} diffusion timesteps",
             req.sampler.steps
         );
     }
-    let tokenizer = &pipeline.text_encoder().tokenizer;
+    let tokenizer = &text.tokenizer;
     let where_ = |job: &prompts::Job| match &req.prompts {
         Prompts::One(_) => "--prompt".to_string(),
         Prompts::File(p) => format!("--prompts-file {} line {}", p.display(), job.line),
@@ -171,7 +190,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     let ext = req.format.extension();
     let mut targets = Vec::new();
     for job in &jobs {
-        for seed in job.seed..job.seed + job.n as u64 {
+        // Seed by seed: `seed..seed + n` would wrap past u64::MAX to an empty range.
+        for seed in (0..job.n as u64).map(|i| job.seed + i) {
             let name = match req.prompts {
                 Prompts::One(_) => format!("cxr-{seed:08}.{ext}"),
                 Prompts::File(_) => format!("p{:05}-{seed:08}.{ext}", job.line),
@@ -196,7 +216,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         }
     }
 
-    let size = pipeline.config.data.image_size as u32;
+    let size = config.data.image_size as u32;
     let bar = if req.progress {
         indicatif::ProgressBar::new((targets.len() * req.sampler.steps) as u64)
     } else {
@@ -204,24 +224,25 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     };
     let (date, time) = dicom::utc_now();
     let (study_uid, series_uid) = (dicom::new_uid("study"), dicom::new_uid("series"));
-    let mut parts = pipeline.parts();
-    if !req.clip {
-        parts.latent_range = None;
-    }
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = Stdout::lock();
     let mut written = 0usize;
     // Targets of one prompt are consecutive: encode each prompt once, sample its images in batches.
     for group in targets.chunk_by(|a, b| std::ptr::eq(a.job, b.job)) {
         let job = group[0].job;
-        let cond = parts.condition(&job.prompt, &req.negative_prompt)?;
+        let cond = diffusion.condition(&text, &networks, &job.prompt, &req.negative_prompt)?;
         for batch in group.chunks(req.batch_size) {
             if crate::interrupt::requested() {
                 return Err(crate::interrupt::Interrupted.into());
             }
             let seeds: Vec<u64> = batch.iter().map(|t| t.seed).collect();
-            let images = parts.sample(&cond, &seeds, &req.sampler, req.guidance, &mut |_| {
-                bar.inc(batch.len() as u64)
-            })?;
+            let images = diffusion.sample(
+                &networks,
+                &cond,
+                &seeds,
+                &req.sampler,
+                req.guidance,
+                &mut |_| bar.inc(batch.len() as u64),
+            )?;
             for (target, img) in batch.iter().zip(images) {
                 let meta = [
                     ("prompt", job.prompt.clone()),
@@ -231,7 +252,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
                     ("steps", req.sampler.steps.to_string()),
                     ("eta", req.sampler.eta.to_string()),
                     ("guidance_scale", req.guidance.to_string()),
-                    ("checkpoint_sha256", pipeline.weights_sha256.clone()),
+                    ("checkpoint_sha256", weights_sha256.clone()),
                     ("weights", if req.ema { "ema" } else { "raw" }.to_string()),
                     ("precision", format!("{precision:?}").to_lowercase()),
                     ("clip_x0", req.clip.to_string()),
@@ -280,7 +301,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
                         "seed": target.seed, "sampler": req.sampler.kind.name(),
                         "steps": req.sampler.steps, "guidance": req.guidance,
                     });
-                    if writeln!(stdout, "{line}").is_err() {
+                    writeln!(stdout, "{line}")?;
+                    if stdout.is_closed() {
                         // A closed pipe: the reader has gone; stop quietly.
                         return Ok(ExitCode::SUCCESS);
                     }

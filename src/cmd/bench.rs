@@ -13,28 +13,22 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
 
-use crate::config::{
-    Config, OptimizerConfig, Precision, RandomBertConfig, RunConfig, TextEncoderSource,
-};
+use crate::config::{Config, OptimizerConfig, Precision, RunConfig};
 use crate::device::DeviceChoice;
-use crate::diffusion::pipeline::Parts;
-use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
-use crate::model::checkpointing::GradCheckpoint;
-use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
+use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
+use crate::io::stdout::Stdout;
+use crate::model::latents::LatentStats;
+use crate::model::scaler::INITIAL_SCALE;
+use crate::model::weights::{compute_weights, init_diffusion_weights, Trainable};
+use crate::model::{seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
-use crate::train::losses::diffusion_loss;
-use crate::train::optim::{clip_to, global_norm, AdamW};
-use crate::train::scaler::INITIAL_SCALE;
-use crate::train::stages::{
-    backward_with, checkpointing_for, compute_weights, init_diffusion_weights, ImageSource,
-    VaeObjective,
-};
-use crate::train::trainer::{accumulate, named_params, CheckpointExtras, Loss, Objective};
+use crate::train::optim::global_norm;
+use crate::train::trainer::{Objective, Stepper};
+use crate::train::{DiffusionObjective, ImageSource, Posteriors, VaeObjective};
 
 /// A report-like prompt of about 20 tokens.
 const PROMPT: &str = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax.";
@@ -59,22 +53,6 @@ pub struct Request {
     pub json: bool,
 }
 
-/// Replaces a pretrained text encoder by a one-layer random BERT of the same width (768 when the
-/// config does not say): speed and device checks need no download.
-pub fn use_random_text_encoder(cfg: &mut Config) {
-    let hidden = cfg.text.hidden_size.unwrap_or(768);
-    if let TextEncoderSource::Pretrained(_) = cfg.text.encoder {
-        cfg.text.encoder = TextEncoderSource::Random(RandomBertConfig {
-            hidden_size: hidden,
-            layers: 1,
-            heads: (hidden / 64).max(1),
-            intermediate_size: 4 * hidden,
-            seed: 0,
-        });
-        cfg.text.hidden_size = Some(hidden);
-    }
-}
-
 /// Milliseconds `f` takes, up to the moment `device` has finished its work.
 fn time<T>(device: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     device.synchronize()?;
@@ -93,13 +71,13 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         anyhow::bail!("--batch-sizes must each be ≥ 1, --repeats and --steps ≥ 1");
     }
     let mut cfg = Config::load(&req.config)?;
-    use_random_text_encoder(&mut cfg);
+    super::use_random_text_encoder(&mut cfg);
     let device = crate::device::open(req.device)?;
     let precision = crate::device::precision_on(&device, req.precision, Precision::F16)?;
 
     let text = TextEncoder::load(&cfg.text, &device)?;
     let (ldm, vae_weights) = (VarMap::new(), VarMap::new());
-    init_diffusion_weights(&cfg, &text, &ldm, 1, &device)?;
+    init_diffusion_weights(&cfg, text.hidden_size(), &ldm, 1, &device)?;
     Vae::new(&cfg.vae, seeded_var_builder(&vae_weights, 2, &device))?;
 
     let header = format!(
@@ -125,7 +103,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     } else {
         None
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = Stdout::lock();
     if req.json {
         writeln!(
             out,
@@ -257,11 +235,6 @@ fn sampling_rows(
     vae_weights: &VarMap,
     text: &TextEncoder,
 ) -> Result<Vec<serde_json::Value>> {
-    let (unet, head) = diffusion_networks(
-        cfg,
-        text.hidden_size(),
-        compute_weights(ldm, precision.dtype(), device),
-    )?;
     let vae = Vae::new(&cfg.vae, compute_weights(vae_weights, DType::F32, device))?;
     let vae_half = match precision {
         Precision::F32 => None,
@@ -270,18 +243,15 @@ fn sampling_rows(
             compute_weights(vae_weights, p.dtype(), device),
         )?),
     };
-    let parts = Parts {
-        config: cfg,
-        unet: &unet,
-        head: &head,
-        text,
-        vae: &vae,
-        vae_half: vae_half.as_ref(),
-        latent_scale: 1.0,
-        latent_range: Some((-4.0, 4.0)),
-        device,
-    };
-    let cond = parts.condition(PROMPT, "")?;
+    let nets = Networks::new(
+        cfg,
+        text.hidden_size(),
+        compute_weights(ldm, precision.dtype(), device),
+        vae,
+        vae_half,
+    )?;
+    let diffusion = LatentDiffusion::new(cfg, LatentStats::UNTRAINED);
+    let cond = diffusion.condition(text, &nets, PROMPT, "")?;
     let opts = |steps| SamplerOptions {
         kind: SamplerKind::Ddim,
         steps,
@@ -291,12 +261,12 @@ fn sampling_rows(
     for &b in &req.batch_sizes {
         let seeds: Vec<u64> = (0..b as u64).collect();
         // Warm-up: kernels compiled, memory pools filled.
-        parts.sample(&cond, &seeds, &opts(1), 3.0, &mut |_| {})?;
+        diffusion.sample(&nets, &cond, &seeds, &opts(1), 3.0, &mut |_| {})?;
         crate::device::reset_peak(device);
         let (latents, denoise) = time(device, || {
-            parts.denoise(&cond, &seeds, &opts(req.repeats), 3.0, &mut |_| {})
+            diffusion.denoise(&nets, &cond, &seeds, &opts(req.repeats), 3.0, &mut |_| {})
         })?;
-        let (_, decode) = time(device, || parts.decode_images(&latents))?;
+        let (_, decode) = time(device, || diffusion.decode(&nets, &latents))?;
         let step = denoise / req.repeats as f64;
         let decode = decode / b as f64;
         let per_image = (req.steps as f64 * step) / b as f64 + decode;
@@ -307,65 +277,6 @@ fn sampling_rows(
         }));
     }
     Ok(rows)
-}
-
-/// train-diffusion's loss on random latents and timesteps: the trainer's path without a dataset.
-struct RandomLatents<'a> {
-    cfg: &'a Config,
-    text: &'a TextEncoder,
-    ldm: &'a VarMap,
-    device: &'a Device,
-    precision: Precision,
-    checkpoint: Option<GradCheckpoint>,
-    schedule: NoiseSchedule,
-}
-
-impl Objective for RandomLatents<'_> {
-    fn stage(&self) -> &'static str {
-        "diffusion"
-    }
-
-    fn loss(&self, indices: &[usize], rng: &mut Rng) -> Result<Loss> {
-        let (b, c, z) = (
-            indices.len(),
-            self.cfg.vae.latent_channels,
-            self.cfg.latent_size(),
-        );
-        let vb = compute_weights(self.ldm, self.precision.dtype(), self.device);
-        let (mut unet, head) = diffusion_networks(self.cfg, self.text.hidden_size(), vb)?;
-        unet.set_checkpointing(self.checkpoint.clone());
-        let latents = rng.randn((b, c, z, z), self.device)?;
-        let noise = rng.randn((b, c, z, z), self.device)?;
-        let t: Vec<usize> = (0..b)
-            .map(|_| rng.below(self.schedule.timesteps()))
-            .collect();
-        let (hidden, mask) = self.text.encode(&vec![PROMPT; b], self.device)?;
-        let total = diffusion_loss(
-            &unet,
-            &head,
-            &self.schedule,
-            &latents,
-            &t,
-            &noise,
-            &hidden,
-            &mask,
-        )?;
-        Ok(Loss {
-            total,
-            parts: vec![],
-        })
-    }
-
-    fn checkpoint_extras(&self) -> Result<CheckpointExtras> {
-        Ok(CheckpointExtras {
-            files: vec![],
-            meta: serde_json::Value::Null,
-        })
-    }
-
-    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        backward_with(loss, self.checkpoint.as_ref())
-    }
 }
 
 /// Random pixels in [−1, 1] for train-vae's loss: speed and memory do not depend on the images.
@@ -392,15 +303,24 @@ fn diffusion_training_row(
 ) -> Result<serde_json::Value> {
     let t = &cfg.train_diffusion;
     let precision = crate::device::precision_on(device, req.precision, t.run.precision)?;
-    let objective = RandomLatents {
-        cfg,
-        text,
-        ldm,
-        device,
-        precision,
-        checkpoint: checkpointing_for(&t.run, ldm)?,
-        schedule: NoiseSchedule::new(&cfg.diffusion),
+    let diffusion = LatentDiffusion::new(cfg, LatentStats::UNTRAINED);
+    // Unit-variance latents stand in for a cache's posteriors: speed does not depend on them.
+    let (b, c, z) = (t.run.batch_size, cfg.vae.latent_channels, cfg.latent_size());
+    let posteriors = Posteriors {
+        mean: Tensor::zeros((b, c, z, z), DType::F32, device)?,
+        logvar: Tensor::zeros((b, c, z, z), DType::F32, device)?,
     };
+    let weights = Trainable::new(ldm, device)
+        .with_precision(precision)
+        .with_checkpointing(&t.run)?;
+    let objective = DiffusionObjective::new(
+        cfg,
+        weights,
+        text,
+        &diffusion,
+        posteriors,
+        vec![PROMPT.to_string(); b],
+    );
     time_training(
         req,
         device,
@@ -416,28 +336,22 @@ fn diffusion_training_row(
 fn vae_training_row(req: &Request, cfg: &Config, device: &Device) -> Result<serde_json::Value> {
     let t = &cfg.train_vae;
     let precision = crate::device::precision_on(device, req.precision, t.run.precision)?;
-    let weights = VarMap::new();
-    Vae::new(&cfg.vae, seeded_var_builder(&weights, 3, device))?;
+    let varmap = VarMap::new();
+    Vae::new(&cfg.vae, seeded_var_builder(&varmap, 3, device))?;
     let images = RandomImages {
         size: cfg.data.image_size,
         channels: cfg.vae.image_channels,
     };
-    let objective = VaeObjective::new(
-        &cfg.vae,
-        &weights,
-        &images,
-        t.kl_weight,
-        device.clone(),
-        vec![],
-    )
-    .with_precision(precision)
-    .with_checkpointing(checkpointing_for(&t.run, &weights)?);
+    let weights = Trainable::new(&varmap, device)
+        .with_precision(precision)
+        .with_checkpointing(&t.run)?;
+    let objective = VaeObjective::new(&cfg.vae, weights, &images, t.kl_weight, vec![]);
     time_training(
         req,
         device,
         precision,
         &objective,
-        &weights,
+        &varmap,
         (&t.run, &t.optimizer),
     )
 }
@@ -452,8 +366,7 @@ fn time_training(
     weights: &VarMap,
     (run, opt): (&RunConfig, &OptimizerConfig),
 ) -> Result<serde_json::Value> {
-    let params = named_params(weights);
-    let mut optimizer = AdamW::new(params.clone(), opt)?;
+    let mut stepper = Stepper::new(weights, opt, None)?;
     let batches = vec![(0..run.batch_size).collect::<Vec<usize>>(); run.grad_accumulation];
     let loss_scale = if precision.needs_loss_scaling() {
         INITIAL_SCALE
@@ -461,25 +374,29 @@ fn time_training(
         1.0
     };
     let mut rng = Rng::new(7);
-    let mut step = |optimizer: &mut AdamW| -> Result<()> {
-        let (mut grads, _) = accumulate(objective, &params, &batches, &mut rng, loss_scale)?
-            .with_context(|| format!("a non-finite {} loss on random inputs", objective.stage()))?;
+    let mut step = |stepper: &mut Stepper| -> Result<()> {
+        let (grads, _) = stepper
+            .gradients(objective, &batches, &mut rng, loss_scale)?
+            .with_context(|| {
+                format!(
+                    "a non-finite {} loss on random inputs",
+                    objective.stage().name()
+                )
+            })?;
         let norm = global_norm(&grads)?;
-        clip_to(&mut grads, norm, opt.grad_clip)?;
-        optimizer.step(&grads, opt.lr)?;
-        Ok(())
+        stepper.apply(grads, norm, opt.lr, 0)
     };
-    step(&mut optimizer)?;
+    step(&mut stepper)?;
     crate::device::reset_peak(device);
     let (_, ms) = time(device, || {
         for _ in 0..req.repeats {
-            step(&mut optimizer)?;
+            step(&mut stepper)?;
         }
         Ok(())
     })?;
     let per_step = ms / req.repeats as f64;
     Ok(json!({
-        "stage": objective.stage(),
+        "stage": objective.stage().name(),
         "batch": run.batch_size, "accumulation": run.grad_accumulation,
         "checkpointing": run.grad_checkpointing,
         "precision": format!("{precision:?}").to_lowercase(),

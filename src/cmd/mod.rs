@@ -1,0 +1,33 @@
+//! The subcommands, one file or folder each: what `cxrgen <command>` does with the request the
+//! command line (`cli.rs`) made of its arguments.
+//!
+//! `prepare` prepare.rs · `phantom` phantom.rs · `grid` grid.rs · `train-vae`, `train-diffusion`
+//! train.rs · `generate` generate/ (the command, the pipeline it samples with, prompts files) ·
+//! `info` info.rs · `bench` bench.rs · `check-device` check_device.rs.
+
+pub mod bench;
+pub mod check_device;
+pub mod generate;
+pub mod grid;
+pub mod info;
+pub mod phantom;
+pub mod prepare;
+pub mod train;
+
+use crate::config::{Config, RandomBertConfig, TextEncoderSource};
+
+/// Replaces a pretrained text encoder by a one-layer random BERT of the same width (768 when the
+/// config does not say): speed and device checks need no download.
+pub fn use_random_text_encoder(cfg: &mut Config) {
+    let hidden = cfg.text.hidden_size.unwrap_or(768);
+    if let TextEncoderSource::Pretrained(_) = cfg.text.encoder {
+        cfg.text.encoder = TextEncoderSource::Random(RandomBertConfig {
+            hidden_size: hidden,
+            layers: 1,
+            heads: (hidden / 64).max(1),
+            intermediate_size: 4 * hidden,
+            seed: 0,
+        });
+        cfg.text.hidden_size = Some(hidden);
+    }
+}
