@@ -12,7 +12,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -29,7 +29,7 @@ use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
 use crate::train::losses::diffusion_loss;
 use crate::train::optim::{clip_to, global_norm, AdamW};
-use crate::train::scaler::INITIAL_SCALE;
+use crate::train::scaler::LossScaler;
 use crate::train::stages::{
     backward_with, checkpointing_for, compute_weights, init_diffusion_weights, ImageSource,
     VaeObjective,
@@ -442,8 +442,8 @@ fn vae_training_row(req: &Request, cfg: &Config, device: &Device) -> Result<serd
     )
 }
 
-/// `objective`'s optimizer steps through the trainer's accumulation, clipping and AdamW: one
-/// warm-up, then `repeats` timed, with the peak memory of the timed ones.
+/// `objective`'s optimizer steps through the trainer's accumulation, loss scaling, clipping and
+/// AdamW: one warm-up, then `repeats` timed, with the peak memory of the timed ones.
 fn time_training(
     req: &Request,
     device: &Device,
@@ -455,19 +455,38 @@ fn time_training(
     let params = named_params(weights);
     let mut optimizer = AdamW::new(params.clone(), opt)?;
     let batches = vec![(0..run.batch_size).collect::<Vec<usize>>(); run.grad_accumulation];
-    let loss_scale = if precision.needs_loss_scaling() {
-        INITIAL_SCALE
-    } else {
-        1.0
-    };
+    let mut scaler = precision.needs_loss_scaling().then(LossScaler::default);
     let mut rng = Rng::new(7);
     let mut step = |optimizer: &mut AdamW| -> Result<()> {
-        let (mut grads, _) = accumulate(objective, &params, &batches, &mut rng, loss_scale)?
-            .with_context(|| format!("a non-finite {} loss on random inputs", objective.stage()))?;
-        let norm = global_norm(&grads)?;
-        clip_to(&mut grads, norm, opt.grad_clip)?;
-        optimizer.step(&grads, opt.lr)?;
-        Ok(())
+        loop {
+            let scale = scaler.map_or(1.0, |s| s.scale);
+            let (mut grads, _) = accumulate(objective, &params, &batches, &mut rng, scale)?
+                .with_context(|| {
+                    format!("a non-finite {} loss on random inputs", objective.stage())
+                })?;
+            let norm = global_norm(&grads)?;
+            if !norm.is_finite() {
+                // F16 gradients that overflowed at this loss scale (docs/training.md): the
+                // trainer skips such a step and halves the scale; here the step is retried.
+                // Stepping on them would turn the clip's 0 · inf into NaN weights.
+                match scaler.as_mut() {
+                    Some(s) if s.can_back_off() => {
+                        s.update(false);
+                        continue;
+                    }
+                    _ => bail!(
+                        "non-finite {} gradients on random inputs",
+                        objective.stage()
+                    ),
+                }
+            }
+            if let Some(s) = scaler.as_mut() {
+                s.update(true);
+            }
+            clip_to(&mut grads, norm, opt.grad_clip)?;
+            optimizer.step(&grads, opt.lr)?;
+            return Ok(());
+        }
     };
     step(&mut optimizer)?;
     crate::device::reset_peak(device);
@@ -486,5 +505,6 @@ fn time_training(
         "ms_per_optimizer_step": per_step,
         "ms_per_micro_batch": per_step / run.grad_accumulation as f64,
         "peak_mib": crate::device::peak_memory_mib(device),
+        "loss_scale": scaler.map(|s| s.scale),
     }))
 }
