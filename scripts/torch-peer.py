@@ -35,7 +35,7 @@ Output: one JSON object on stdout with cxrgen bench's keys ("sampling", "trainin
 "training_vae" rows with batch, ms_per_step, decode_ms_per_image, ms_per_image, images_per_s,
 peak_mib, ms_per_optimizer_step, ms_per_micro_batch ...), each row also naming its "precision"
 and "variant" (eager or compiled), so that scripts/gpu-table.py can join the two. With
---budget-s, rows that would start after the budget is spent are listed under "skipped"; a
+--budget-s, rows that would start after the budget is spent are listed under "skipped_rows"; a
 SIGTERM (timeout) prints what was measured so far, marked "interrupted".
 """
 import argparse
@@ -397,7 +397,7 @@ class Peer:
         self.unet, self.head, self.vae, self.params = build(info, self.device)
         self.hidden = text_width(self.cfg["text"])
         self.acp = alphas_cumprod(self.cfg["diffusion"], self.device)
-        self.result = {"sampling": [], "training": [], "training_vae": [], "skipped": []}
+        self.result = {"sampling": [], "training": [], "training_vae": [], "skipped_rows": []}
 
     def context(self, n, generator):
         """Text context of n rows: [n, T, context_dim] from the head, and the token mask [n, T]."""
@@ -447,6 +447,8 @@ class Peer:
                 t0 = time.monotonic()
                 for _ in range(a.warmup):
                     step()
+                    if self.budget.left() <= 0:
+                        break
                 decode()
                 self.clock.sync()
                 warm_s = time.monotonic() - t0
@@ -580,7 +582,7 @@ class Peer:
         if left > max(need_s, 0) and left > 0:
             return True
         why = f"time budget: {max(left, 0):.0f} s left, {need_s:.0f} s needed"
-        self.result["skipped"].append({"row": name, "why": why})
+        self.result["skipped_rows"].append({"row": name, "why": why})
         log(f"{name}: skipped ({why})")
         return False
 
