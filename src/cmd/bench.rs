@@ -12,7 +12,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
@@ -22,7 +22,7 @@ use crate::device::DeviceChoice;
 use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
 use crate::io::stdout::Stdout;
 use crate::model::latents::LatentStats;
-use crate::model::scaler::INITIAL_SCALE;
+use crate::model::scaler::LossScaler;
 use crate::model::weights::{compute_weights, init_diffusion_weights, Trainable};
 use crate::model::{seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
@@ -356,8 +356,8 @@ fn vae_training_row(req: &Request, cfg: &Config, device: &Device) -> Result<serd
     )
 }
 
-/// `objective`'s optimizer steps through the trainer's accumulation, clipping and AdamW: one
-/// warm-up, then `repeats` timed, with the peak memory of the timed ones.
+/// `objective`'s optimizer steps through the trainer's accumulation, loss scaling, clipping and
+/// AdamW: one warm-up, then `repeats` timed, with the peak memory of the timed ones.
 fn time_training(
     req: &Request,
     device: &Device,
@@ -368,23 +368,33 @@ fn time_training(
 ) -> Result<serde_json::Value> {
     let mut stepper = Stepper::new(weights, opt, None)?;
     let batches = vec![(0..run.batch_size).collect::<Vec<usize>>(); run.grad_accumulation];
-    let loss_scale = if precision.needs_loss_scaling() {
-        INITIAL_SCALE
-    } else {
-        1.0
-    };
+    let mut scaler = precision.needs_loss_scaling().then(LossScaler::default);
     let mut rng = Rng::new(7);
     let mut step = |stepper: &mut Stepper| -> Result<()> {
-        let (grads, _) = stepper
-            .gradients(objective, &batches, &mut rng, loss_scale)?
-            .with_context(|| {
-                format!(
-                    "a non-finite {} loss on random inputs",
-                    objective.stage().name()
-                )
-            })?;
-        let norm = global_norm(&grads)?;
-        stepper.apply(grads, norm, opt.lr, 0)
+        loop {
+            let scale = scaler.map_or(1.0, |s| s.scale);
+            let stage = objective.stage().name();
+            let (grads, _) = stepper
+                .gradients(objective, &batches, &mut rng, scale)?
+                .with_context(|| format!("a non-finite {stage} loss on random inputs"))?;
+            let norm = global_norm(&grads)?;
+            if !norm.is_finite() {
+                // F16 gradients that overflowed at this loss scale (docs/training.md): the
+                // trainer skips such a step and halves the scale; here the step is retried.
+                // Stepping on them would turn the clip's 0 · inf into NaN weights.
+                match scaler.as_mut() {
+                    Some(s) if s.can_back_off() => {
+                        s.update(false);
+                        continue;
+                    }
+                    _ => bail!("non-finite {stage} gradients on random inputs"),
+                }
+            }
+            if let Some(s) = scaler.as_mut() {
+                s.update(true);
+            }
+            return stepper.apply(grads, norm, opt.lr, 0);
+        }
     };
     step(&mut stepper)?;
     crate::device::reset_peak(device);
@@ -403,5 +413,6 @@ fn time_training(
         "ms_per_optimizer_step": per_step,
         "ms_per_micro_batch": per_step / run.grad_accumulation as f64,
         "peak_mib": crate::device::peak_memory_mib(device),
+        "loss_scale": scaler.map(|s| s.scale),
     }))
 }
