@@ -116,6 +116,10 @@ struct BenchArgs {
     /// Also time 3×3 convolutions forward + backward, candle's own against cxrgen's.
     #[arg(long)]
     kernels: bool,
+    /// Also time the sampling steps with the guided U-Net step replayed from a CUDA graph (on
+    /// the CPU: the same step run eagerly).
+    #[arg(long)]
+    cuda_graph: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -385,6 +389,7 @@ pub fn run() -> Result<ExitCode> {
             train: a.train,
             train_vae: a.train_vae,
             kernels: a.kernels,
+            cuda_graph: a.cuda_graph,
             json: a.json,
         }),
     }
