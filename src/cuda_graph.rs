@@ -102,6 +102,20 @@ impl<'a> CapturedStep<'a> {
     /// The step's output for `inputs` (same shapes and dtypes as the examples). From a graph, a
     /// copy of its output buffer: the next replay overwrites the buffer, not the returned tensor.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Tensor> {
+        self.check(inputs)?;
+        #[cfg(feature = "cuda")]
+        if let Some(graph) = &self.graph {
+            return graph.run(inputs);
+        }
+        (self.step)(inputs)
+    }
+
+    /// Whether `inputs` have the shapes and dtypes of the examples this step was built with.
+    pub fn accepts(&self, inputs: &[Tensor]) -> bool {
+        self.check(inputs).is_ok()
+    }
+
+    fn check(&self, inputs: &[Tensor]) -> Result<()> {
         if inputs.len() != self.signature.len() {
             candle_core::bail!(
                 "a captured step takes {} inputs, got {}",
@@ -118,11 +132,7 @@ impl<'a> CapturedStep<'a> {
                 );
             }
         }
-        #[cfg(feature = "cuda")]
-        if let Some(graph) = &self.graph {
-            return graph.run(inputs);
-        }
-        (self.step)(inputs)
+        Ok(())
     }
 }
 
@@ -366,12 +376,15 @@ mod tests {
         let x = Tensor::zeros((3, 4), DType::F32, &dev)?;
         let s = Tensor::zeros((1, 3), DType::F32, &dev)?;
         let captured = CapturedStep::eager(step, &[x.clone(), s.clone()]);
+        assert!(captured.accepts(&[x.clone(), s.clone()]));
+        assert!(!captured.accepts(std::slice::from_ref(&x)));
         let e = captured
             .run(std::slice::from_ref(&x))
             .unwrap_err()
             .to_string();
         assert!(e.contains("takes 2 inputs, got 1"), "{e}");
         let wider = Tensor::zeros((3, 5), DType::F32, &dev)?;
+        assert!(!captured.accepts(&[wider.clone(), s.clone()]));
         let e = captured.run(&[wider, s.clone()]).unwrap_err().to_string();
         assert!(e.contains("input 0") && e.contains("[3, 5]"), "{e}");
         let e = captured

@@ -5,8 +5,8 @@
 //!
 //! 0. [`config`] (YAML configs), [`io`] (files written safely, stdout, PNG, DICOM, grids, plots),
 //!    [`rng`] (seeded randomness), [`interrupt`] (Ctrl-C)
-//! 1. [`device`] (`--device`, compute precision, peak memory), [`cuda_graph`] (a fixed-shape step
-//!    recorded once as a CUDA graph and replayed)
+//! 1. [`device`] (`--device`, compute precision, peak and free memory), [`cuda_graph`] (a
+//!    fixed-shape step recorded once as a CUDA graph and replayed)
 //! 2. [`data`] (loaders, cleaning, splits, the cache, phantoms), [`model`] (VAE, U-Net, text
 //!    encoder, and the weights helpers training needs)
 //! 3. [`checkpoint`] (the run-folder format), [`diffusion`] (schedules, samplers, guidance, the
