@@ -113,12 +113,13 @@ impl Trainable {
 
     /// The weights as the networks read them, in the compute precision ([`compute_weights`]).
     pub fn compute(&self) -> VarBuilder<'static> {
-        self.in_dtype(self.dtype)
+        compute_weights(&self.varmap, self.dtype, &self.device)
     }
 
-    /// The weights cast to `dtype`.
-    pub fn in_dtype(&self, dtype: DType) -> VarBuilder<'static> {
-        compute_weights(&self.varmap, dtype, &self.device)
+    /// The weights cast to `dtype` and detached ([`frozen_weights`]), for what only runs the
+    /// networks forward: nothing computed from them keeps its activations for a backward pass.
+    pub fn frozen(&self, dtype: DType) -> VarBuilder<'static> {
+        frozen_weights(&self.varmap, dtype, &self.device)
     }
 
     /// The gradient checkpointing the networks are to use.
