@@ -104,7 +104,7 @@ fn guide(
 /// [B, C, h, w], with `ts` the timestep of each row of the doubled batch (conditional rows, then
 /// unconditional) and the conditioning of [`Conditioning::step_inputs`]. The timesteps and the
 /// conditioning are inputs, not constants, so that one captured graph serves every step and
-/// every prompt of its shapes. The same kernels as [`Guided`] on CUDA.
+/// every prompt of its shapes. The same kernels as the eager guidance on CUDA.
 pub fn guided_step(
     unet: &UNet,
     guidance: f64,
