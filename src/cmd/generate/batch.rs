@@ -44,10 +44,10 @@ impl SamplingMemory {
 
 /// The batch size for `n` images (the most of one prompt) with `available` bytes free, when
 /// `copies` of a step's memory are live at once (see [`copies`]): the largest batch whose step
-/// memory, times `copies`, plus a decode fits in all but a tenth (`HEADROOM`) of them, at most `n`; then
-/// evened out to as many batches of equal size as that takes (10 images of which 8 fit: two
-/// batches of 5, not 8 and 2), so that no batch has an odd shape of its own (a CUDA graph of its
-/// own). At least 1: a single image that does not fit fails as it always would.
+/// memory, times `copies`, plus a decode fits in all but a tenth (`HEADROOM`) of them, at most
+/// `n`; then evened out to as many batches of equal size as that takes (10 images of which 8
+/// fit: two batches of 5, not 8 and 2), so that no batch has an odd shape of its own (a CUDA
+/// graph of its own). At least 1: a single image that does not fit fails as it always would.
 pub fn batch_size(available: u64, memory: &SamplingMemory, copies: u64, n: usize) -> usize {
     let n = n.max(1);
     let budget = (available as f64 * (1.0 - HEADROOM)) as u64;
