@@ -37,7 +37,8 @@ def gpu_sections():
     for cfg in ["tiny", "paper"]:
         r = load(f"check-{cfg}")
         for c in r.get("checks", []):
-            print(f"| {cfg} | {c['check']} | {c['max_abs']:.2e} | {c['relative']:.2e} | {c['tolerance']:.0e} | {'yes' if c['ok'] else 'NO'} |")
+            name = c['check'] + (f" ({c['error']})" if "error" in c else "")
+            print(f"| {cfg} | {name} | {fmt(c['max_abs'], '{:.2e}')} | {fmt(c['relative'], '{:.2e}')} | {c['tolerance']:.0e} | {'yes' if c['ok'] else 'NO'} |")
         if r.get("failed"):
             print(f"| {cfg} | (run failed) | | | | NO |")
     print("\n## Generation: DDIM-50 at 256×256 with guidance (`cxrgen bench --config paper`)\n")
@@ -46,6 +47,15 @@ def gpu_sections():
         for s in load(f"sample-{p}").get("sampling", []):
             print(f"| {p} | {s['batch']} | {fmt(s['ms_per_step'])} | {fmt(s['ms_per_image'])} | {fmt(s['images_per_s'], '{:.2f}')} | {fmt(s['peak_mib'], '{:.0f}')} |")
     print("\nThe paper: 663 ms per image (RTX 4060, DDIM-50).\n")
+    print("## The guided step replayed from a CUDA graph, F16 (`cxrgen bench --cuda-graph`)\n")
+    print("| batch | ms per step | × the eager step | kernels per step | capture ms | graph MiB | max abs diff vs eager |\n|---|---|---|---|---|---|---|")
+    for s in load("sample-f16").get("sampling", []):
+        g = s.get("cuda_graph") or {"error": "not run"}
+        if "error" in g:
+            print(f"| {s['batch']} | not captured: {g['error']} | | | | | |")
+            continue
+        print(f"| {s['batch']} | {fmt(g['ms_per_step'], '{:.2f}')} | {fmt(g['speedup'], '{:.1f}')} | {fmt(g['kernels'], '{}')} | {fmt(g['capture_ms'], '{:.0f}')} | {fmt(g['graph_memory_mib'], '{:.0f}')} | {fmt(g['max_abs_vs_eager'], '{:.1e}')} |")
+    print()
     print("## 3×3 convolution, forward + backward, F16 (`cxrgen bench --kernels`)\n")
     print("| shape | candle ms | cxrgen ms | speed-up |\n|---|---|---|---|")
     for k in load("kernels").get("kernels") or []:
@@ -94,6 +104,10 @@ def peer_section():
                     continue  # both decode one image at a time
                 unit = "MiB" if k == "peak_mib" else "ms"
                 lines.append((f"{what}, batch {b}, {p.upper()} ({unit})", ours.get(k), e.get(k), c.get(k)))
+            graph = ours.get("cuda_graph") or {}
+            if graph.get("graph"):
+                lines.append((f"guided DDIM step from a CUDA graph, batch {b}, {p.upper()} (ms)",
+                              graph.get("ms_per_step"), e.get("ms_per_step"), c.get("ms_per_step")))
     for lever in ["f16-ckpt", "f16-plain", "bf16-ckpt", "f32-ckpt", "f32-plain"]:
         p, ckpt = lever.split("-")[0], lever.endswith("ckpt")
         t = load(f"train-{lever}").get("training") or {}

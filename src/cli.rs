@@ -116,6 +116,10 @@ struct BenchArgs {
     /// Also time 3×3 convolutions forward + backward, candle's own against cxrgen's.
     #[arg(long)]
     kernels: bool,
+    /// Also time the sampling steps with the guided U-Net step replayed from a CUDA graph (on
+    /// the CPU: the same step run eagerly).
+    #[arg(long)]
+    cuda_graph: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -263,9 +267,10 @@ struct GenerateArgs {
     /// Classifier-free guidance scale; 1 is no guidance.
     #[arg(long, default_value_t = 3.0)]
     guidance_scale: f64,
-    /// Images sampled together (no effect on the images themselves).
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
+    /// Images sampled together (no effect on the images themselves). Default: on CUDA as many as
+    /// the free device memory holds (at most --n), on the CPU 4.
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// The folder to write the images to.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -287,6 +292,10 @@ struct GenerateArgs {
     /// costs DPM-Solver++ its higher order; docs/generation.md).
     #[arg(long)]
     no_clip: bool,
+    /// On CUDA, run every kernel of each sampling step from the host instead of replaying the
+    /// step from a CUDA graph (the same images, slower).
+    #[arg(long)]
+    no_cuda_graph: bool,
     /// One JSON object per image on stdout (path, prompt, seed, sampler, steps, guidance).
     #[arg(long)]
     json: bool,
@@ -385,6 +394,7 @@ pub fn run() -> Result<ExitCode> {
             train: a.train,
             train_vae: a.train_vae,
             kernels: a.kernels,
+            cuda_graph: a.cuda_graph,
             json: a.json,
         }),
     }
@@ -423,6 +433,7 @@ impl GenerateArgs {
             precision: self.precision.map(Into::into),
             ema: !self.no_ema,
             clip: !self.no_clip,
+            cuda_graph: !self.no_cuda_graph,
             json: self.json,
             progress,
             device: self.device.device,

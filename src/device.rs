@@ -1,4 +1,5 @@
-//! Where the networks run (`--device cpu|cuda|cuda:N|auto`) and how much memory they took.
+//! Where the networks run (`--device cpu|cuda|cuda:N|auto`), how much memory they took and how
+//! much is left.
 
 use std::fmt;
 use std::str::FromStr;
@@ -122,7 +123,7 @@ pub fn name(device: &Device) -> String {
 /// `torch.cuda.max_memory_allocated` reports).
 pub fn peak_memory_mib(device: &Device) -> Option<f64> {
     match device {
-        Device::Cuda(_) => cuda::pool_high_water_mib(device),
+        Device::Cuda(_) => cuda::high_water_bytes(device).map(|b| b as f64 / (1024.0 * 1024.0)),
         _ => peak_rss_mib(),
     }
 }
@@ -137,6 +138,33 @@ pub fn reset_peak(device: &Device) {
             let _ = std::fs::write("/proc/self/clear_refs", "5");
         }
     }
+}
+
+/// Device memory this process can still allocate, in bytes: the driver's free memory (cudarc's
+/// `mem_get_info`) plus what the device's memory pool holds without using it. None on the CPU.
+pub fn free_memory_bytes(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cuda(_) => cuda::free_bytes(device),
+        _ => None,
+    }
+}
+
+/// `f`'s result and its peak device memory in bytes above what was in use when it started
+/// (None on the CPU, where the process's peak says too little about one call).
+pub fn peak_above_current<T>(
+    device: &Device,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(T, Option<u64>)> {
+    if !device.is_cuda() {
+        return Ok((f()?, None));
+    }
+    device.synchronize()?;
+    reset_peak(device);
+    let before = cuda::used_bytes(device);
+    let out = f()?;
+    device.synchronize()?;
+    let high = cuda::high_water_bytes(device);
+    Ok((out, before.zip(high).map(|(b, h)| h.saturating_sub(b))))
 }
 
 /// Peak resident memory of this process in MiB (Linux: VmHWM), if known.
@@ -173,18 +201,39 @@ mod cuda {
         (rc == sys::CUresult::CUDA_SUCCESS).then_some(pool)
     }
 
-    pub fn pool_high_water_mib(device: &Device) -> Option<f64> {
+    /// A byte count of the pool (the attribute's type is cuuint64_t).
+    fn attribute(device: &Device, attr: sys::CUmemPool_attribute) -> Option<u64> {
         let pool = pool(device)?;
         let mut bytes: u64 = 0;
-        // SAFETY: the attribute is a cuuint64_t, written into `bytes`.
+        // SAFETY: the byte-count attributes are cuuint64_t, written into `bytes`.
         let rc = unsafe {
-            sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut bytes as *mut u64 as *mut std::ffi::c_void,
-            )
+            sys::cuMemPoolGetAttribute(pool, attr, &mut bytes as *mut u64 as *mut std::ffi::c_void)
         };
-        (rc == sys::CUresult::CUDA_SUCCESS).then_some(bytes as f64 / (1024.0 * 1024.0))
+        (rc == sys::CUresult::CUDA_SUCCESS).then_some(bytes)
+    }
+
+    pub fn high_water_bytes(device: &Device) -> Option<u64> {
+        attribute(
+            device,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        )
+    }
+
+    pub fn used_bytes(device: &Device) -> Option<u64> {
+        attribute(
+            device,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        )
+    }
+
+    pub fn free_bytes(device: &Device) -> Option<u64> {
+        let Device::Cuda(d) = device else { return None };
+        let (free, _total) = d.cuda_stream().context().mem_get_info().ok()?;
+        let reserved = attribute(
+            device,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+        )?;
+        Some(free as u64 + reserved.saturating_sub(used_bytes(device)?))
     }
 
     pub fn reset_pool_high_water(device: &Device) {
@@ -207,7 +256,15 @@ mod cuda {
     //! A CPU-only build never holds a CUDA device.
     use candle_core::Device;
 
-    pub fn pool_high_water_mib(_: &Device) -> Option<f64> {
+    pub fn high_water_bytes(_: &Device) -> Option<u64> {
+        None
+    }
+
+    pub fn used_bytes(_: &Device) -> Option<u64> {
+        None
+    }
+
+    pub fn free_bytes(_: &Device) -> Option<u64> {
         None
     }
 

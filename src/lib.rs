@@ -5,7 +5,8 @@
 //!
 //! 0. [`config`] (YAML configs), [`io`] (files written safely, stdout, PNG, DICOM, grids, plots),
 //!    [`rng`] (seeded randomness), [`interrupt`] (Ctrl-C)
-//! 1. [`device`] (`--device`, compute precision, peak memory)
+//! 1. [`device`] (`--device`, compute precision, peak and free memory), [`cuda_graph`] (a
+//!    fixed-shape step recorded once as a CUDA graph and replayed)
 //! 2. [`data`] (loaders, cleaning, splits, the cache, phantoms), [`model`] (VAE, U-Net, text
 //!    encoder, and the weights helpers training needs)
 //! 3. [`checkpoint`] (the run-folder format), [`diffusion`] (schedules, samplers, guidance, the
@@ -18,6 +19,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod cuda_graph;
 pub mod data;
 pub mod device;
 pub mod diffusion;

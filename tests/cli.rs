@@ -241,6 +241,7 @@ fn bench_reports_each_batch_size_and_a_training_step_of_each_stage() {
         "20",
         "--train",
         "--train-vae",
+        "--cuda-graph",
         "--json",
     ]);
     let v = json_of(&out);
@@ -260,6 +261,11 @@ fn bench_reports_each_batch_size_and_a_training_step_of_each_stage() {
             (image - (20.0 * step / b as f64 + decode)).abs() < 1e-6 * image,
             "{row}"
         );
+        // --cuda-graph on the CPU: the same guided step, run eagerly through CapturedStep.
+        let g = &row["cuda_graph"];
+        assert_eq!(g["graph"], false, "{g}");
+        assert_eq!(g["max_abs_vs_eager"], 0.0, "{g}");
+        assert!(g["ms_per_step"].as_f64().unwrap() > 0.0, "{g}");
     }
     for (key, stage, batch) in [("training", "diffusion", 8), ("training_vae", "vae", 8)] {
         let t = &v[key];
@@ -287,8 +293,11 @@ fn check_device_compares_with_the_cpu() {
     let v = json_of(&out);
     assert_eq!(v["ok"], true);
     let checks = v["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 4);
+    assert_eq!(checks.len(), 5);
     for c in checks {
         assert_eq!(c["max_abs"], 0.0, "{c}");
     }
+    // The last row replays a CUDA graph on a GPU; on the CPU it runs the step eagerly.
+    assert_eq!(checks[4]["check"], "CUDA graph vs eager");
+    assert_eq!(checks[4]["graph"], false);
 }

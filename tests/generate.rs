@@ -90,18 +90,23 @@ fn generate(out: &Path, extra: &[&str]) -> Output {
 
 #[test]
 fn same_seed_same_bytes_whatever_the_batch() {
-    let (a, b, c) = (dir("b1"), dir("b4"), dir("again"));
+    let (a, b, c, d) = (dir("b1"), dir("b4"), dir("again"), dir("chosen"));
     ok(generate(&a, &["--batch-size", "1"]));
     ok(generate(&b, &["--batch-size", "4"]));
     ok(generate(
         &c,
         &["--batch-size", "3", "--sampler", "dpmpp-2m"],
     ));
+    // No --batch-size: the CPU's default, said on stderr (--no-cuda-graph changes nothing here).
+    let chosen = ok(generate(&d, &["--no-cuda-graph"]));
+    let e = String::from_utf8_lossy(&chosen.stderr);
+    assert!(e.contains("batch size 4 (the default on the CPU"), "{e}");
     for seed in 10..14 {
         let name = format!("cxr-{seed:08}.png");
         let x = std::fs::read(a.join(&name)).unwrap();
         let y = std::fs::read(b.join(&name)).unwrap();
         assert!(x == y, "{name} differs between batch sizes 1 and 4");
+        assert!(x == std::fs::read(d.join(&name)).unwrap(), "{name}");
     }
     // Different seeds give different images; another sampler, other images.
     assert_ne!(
@@ -112,7 +117,7 @@ fn same_seed_same_bytes_whatever_the_batch() {
         std::fs::read(a.join("cxr-00000010.png")).unwrap(),
         std::fs::read(c.join("cxr-00000010.png")).unwrap()
     );
-    for d in [a, b, c] {
+    for d in [a, b, c, d] {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
@@ -167,6 +172,8 @@ fn bad_input_is_a_clear_error() {
     assert!(e.contains("no-such-run"), "{e}");
     let e = err(generate(&out, &["--bits", "12"]));
     assert!(e.contains("--bits 12"), "{e}");
+    let e = err(generate(&out, &["--batch-size", "0"]));
+    assert!(e.contains("--batch-size 0"), "{e}");
     let e = err(generate(Path::new("/proc/cxrgen-cannot-write"), &[]));
     assert!(e.contains("--out /proc/cxrgen-cannot-write"), "{e}");
     let long = "effusion ".repeat(200);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by layer, lowest first.
 const LAYERS: [&[&str]; 7] = [
     &["config", "io", "rng", "interrupt"],
-    &["device"],
+    &["device", "cuda_graph"],
     &["data", "model"],
     &["checkpoint", "diffusion"],
     &["train"],

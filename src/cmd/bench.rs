@@ -18,12 +18,16 @@ use candle_nn::VarMap;
 use serde_json::json;
 
 use crate::config::{Config, OptimizerConfig, Precision, RunConfig};
+use crate::cuda_graph::CapturedStep;
 use crate::device::DeviceChoice;
-use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
+use crate::diffusion::{
+    guided_step, CapturedGuided, Conditioning, LatentDiffusion, Networks, SamplerKind,
+    SamplerOptions,
+};
 use crate::io::stdout::Stdout;
 use crate::model::latents::LatentStats;
 use crate::model::scaler::LossScaler;
-use crate::model::weights::{compute_weights, init_diffusion_weights, Trainable};
+use crate::model::weights::{frozen_weights, init_diffusion_weights, Trainable};
 use crate::model::{seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
 use crate::train::optim::global_norm;
@@ -32,6 +36,9 @@ use crate::train::{DiffusionObjective, ImageSource, Posteriors, VaeObjective};
 
 /// A report-like prompt of about 20 tokens.
 const PROMPT: &str = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax.";
+
+/// The classifier-free guidance scale sampling is timed with.
+const GUIDANCE: f64 = 3.0;
 
 pub struct Request {
     pub config: String,
@@ -50,6 +57,8 @@ pub struct Request {
     pub train_vae: bool,
     /// Also time convolution forward + backward: candle's own against ours.
     pub kernels: bool,
+    /// Also time sampling with the guided step replayed from a CUDA graph.
+    pub cuda_graph: bool,
     pub json: bool,
 }
 
@@ -148,6 +157,9 @@ pub fn run(req: &Request) -> Result<ExitCode> {
                 .map_or("n/a".into(), |m| format!("{m:.0}")),
         )?;
     }
+    for r in sampling.iter().filter(|r| r.get("cuda_graph").is_some()) {
+        write_graph_row(&mut out, r)?;
+    }
     for t in training.iter().chain(&training_vae) {
         writeln!(
             out,
@@ -177,6 +189,35 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The text line of a sampling row's `cuda_graph` figures.
+fn write_graph_row(out: &mut impl Write, row: &serde_json::Value) -> Result<()> {
+    let (b, g) = (&row["batch"], &row["cuda_graph"]);
+    if let Some(e) = g["error"].as_str() {
+        writeln!(out, "CUDA graph, batch {b}: not captured ({e})")?;
+        return Ok(());
+    }
+    let what = if g["graph"] == true {
+        format!(
+            "{} kernels, captured in {:.0} ms, graph memory {} MiB",
+            g["kernels"],
+            g["capture_ms"].as_f64().unwrap_or(f64::NAN),
+            g["graph_memory_mib"]
+                .as_f64()
+                .map_or("n/a".into(), |m| format!("{m:.0}"))
+        )
+    } else {
+        "no graph on this device: the step ran eagerly".into()
+    };
+    writeln!(
+        out,
+        "CUDA graph, batch {b}: {:.2} ms/step ({:.2}× the eager step), max |ε̂ − eager ε̂| {:.1e}; {what}",
+        g["ms_per_step"].as_f64().unwrap_or(f64::NAN),
+        g["speedup"].as_f64().unwrap_or(f64::NAN),
+        g["max_abs_vs_eager"].as_f64().unwrap_or(f64::NAN),
+    )?;
+    Ok(())
 }
 
 /// 3×3 convolutions of the U-Net's and the VAE's sizes, forward and backward, through candle's
@@ -235,18 +276,19 @@ fn sampling_rows(
     vae_weights: &VarMap,
     text: &TextEncoder,
 ) -> Result<Vec<serde_json::Value>> {
-    let vae = Vae::new(&cfg.vae, compute_weights(vae_weights, DType::F32, device))?;
+    // Detached: sampled from tracked weights, each step's latents would hold every step before.
+    let vae = Vae::new(&cfg.vae, frozen_weights(vae_weights, DType::F32, device))?;
     let vae_half = match precision {
         Precision::F32 => None,
         p => Some(Vae::new(
             &cfg.vae,
-            compute_weights(vae_weights, p.dtype(), device),
+            frozen_weights(vae_weights, p.dtype(), device),
         )?),
     };
     let nets = Networks::new(
         cfg,
         text.hidden_size(),
-        compute_weights(ldm, precision.dtype(), device),
+        frozen_weights(ldm, precision.dtype(), device),
         vae,
         vae_half,
     )?;
@@ -261,22 +303,80 @@ fn sampling_rows(
     for &b in &req.batch_sizes {
         let seeds: Vec<u64> = (0..b as u64).collect();
         // Warm-up: kernels compiled, memory pools filled.
-        diffusion.sample(&nets, &cond, &seeds, &opts(1), 3.0, &mut |_| {})?;
+        diffusion.sample(&nets, &cond, &seeds, &opts(1), GUIDANCE, &mut |_| {})?;
         crate::device::reset_peak(device);
         let (latents, denoise) = time(device, || {
-            diffusion.denoise(&nets, &cond, &seeds, &opts(req.repeats), 3.0, &mut |_| {})
+            diffusion.denoise(
+                &nets,
+                &cond,
+                &seeds,
+                &opts(req.repeats),
+                GUIDANCE,
+                &mut |_| {},
+            )
         })?;
         let (_, decode) = time(device, || diffusion.decode(&nets, &latents))?;
         let step = denoise / req.repeats as f64;
         let decode = decode / b as f64;
         let per_image = (req.steps as f64 * step) / b as f64 + decode;
-        rows.push(json!({
+        let mut row = json!({
             "batch": b, "ms_per_step": step, "decode_ms_per_image": decode,
             "ms_per_image": per_image, "images_per_s": 1e3 / per_image,
             "peak_mib": crate::device::peak_memory_mib(device),
-        }));
+        });
+        if req.cuda_graph {
+            let opts = opts(req.repeats);
+            row["cuda_graph"] = graph_sampling(cfg, &diffusion, &nets, &cond, &seeds, &opts, step)?;
+        }
+        rows.push(row);
     }
     Ok(rows)
+}
+
+/// `--cuda-graph`: the denoising steps of `opts` for `seeds` with the guided U-Net step replayed
+/// from a CUDA graph, through the same sampler as the eager figure `eager_ms` (ms per step); the
+/// graph's size and memory, and its largest difference from the eager step on the same inputs.
+/// A capture that fails is reported in the row, not fatal.
+fn graph_sampling(
+    cfg: &Config,
+    diffusion: &LatentDiffusion,
+    nets: &Networks,
+    cond: &Conditioning,
+    seeds: &[u64],
+    opts: &SamplerOptions,
+    eager_ms: f64,
+) -> Result<serde_json::Value> {
+    let (device, b) = (&nets.device, seeds.len());
+    let (c, z) = (cfg.vae.latent_channels, cfg.latent_size());
+    let step = guided_step(&nets.unet, GUIDANCE);
+    let inputs = cond.step_inputs(&Rng::new(5).randn((b, c, z, z), device)?, 500)?;
+    let (captured, capture_ms) = time(device, || Ok(CapturedStep::new(&step, &inputs)))?;
+    let captured = match captured {
+        Ok(captured) => captured,
+        Err(e) => return Ok(json!({ "error": e.to_string() })),
+    };
+    // The same kernels on the same inputs: the difference should be zero or rounding.
+    let diff = (captured.run(&inputs)? - step(&inputs)?)?
+        .abs()?
+        .max_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    let replayed = CapturedGuided {
+        step: &captured,
+        cond,
+    };
+    let (_, ms) = time(device, || {
+        diffusion.denoise_with(device, replayed, seeds, opts, &mut |_| {})
+    })?;
+    let ms = ms / opts.steps as f64;
+    let stats = captured.stats();
+    Ok(json!({
+        "graph": captured.is_graph(), "ms_per_step": ms, "speedup": eager_ms / ms,
+        "capture_ms": capture_ms, "max_abs_vs_eager": diff,
+        "nodes": stats.map(|s| s.nodes), "kernels": stats.map(|s| s.kernels),
+        "allocations": stats.map(|s| s.allocations),
+        "graph_memory_mib": crate::cuda_graph::graph_memory_mib(device),
+    }))
 }
 
 /// Random pixels in [−1, 1] for train-vae's loss: speed and memory do not depend on the images.

@@ -1,6 +1,7 @@
 //! `cxrgen check-device`: does a device compute what the CPU computes? The same weights and
 //! inputs through the VAE, the U-Net, one training step's gradients and a 10-step guided DDIM
-//! sample, on the CPU and on `--device`, in F32; each difference against a tolerance.
+//! sample, on the CPU and on `--device`, in F32; each difference against a tolerance. And on the
+//! device alone: the guided step replayed from a CUDA graph against the same step run eagerly.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -11,13 +12,16 @@ use candle_nn::VarMap;
 use serde_json::json;
 
 use crate::config::Config;
+use crate::cuda_graph::CapturedStep;
 use crate::device::DeviceChoice;
-use crate::diffusion::{LatentDiffusion, Networks, SamplerKind, SamplerOptions};
+use crate::diffusion::{guided_step, LatentDiffusion, Networks, SamplerKind, SamplerOptions};
 use crate::io::stdout::Stdout;
 use crate::model::attention::padding_bias;
 use crate::model::latents::LatentStats;
-use crate::model::weights::{compute_weights, init_diffusion_weights, named_params};
-use crate::model::{seeded_var_builder, TextEncoder, Vae};
+use crate::model::weights::{
+    compute_weights, frozen_weights, init_diffusion_weights, named_params,
+};
+use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
 use crate::rng::Rng;
 
 pub struct Request {
@@ -51,6 +55,16 @@ struct Outputs {
     /// Every trainable parameter's gradient, flattened and concatenated (on the CPU).
     gradients: Tensor,
     images: Tensor,
+    /// Only where asked for (the tested device): see [`graph_replay`].
+    replay: Option<Result<Replay>>,
+}
+
+/// The guided step's outputs for the same inputs, run eagerly and replayed from a CUDA graph.
+struct Replay {
+    eager: Tensor,
+    replayed: Tensor,
+    /// Whether a graph was replayed (on the CPU both are the eager step).
+    graph: bool,
 }
 
 struct Inputs {
@@ -67,21 +81,21 @@ fn compute(
     ldm: &VarMap,
     vae_weights: &VarMap,
     inputs: &Inputs,
+    replay: bool,
 ) -> Result<Outputs> {
     let text = TextEncoder::load(&cfg.text, device)?;
-    let vae = Vae::new(&cfg.vae, compute_weights(vae_weights, DType::F32, device))?;
+    // Nothing here trains the VAE: detached weights, which record no graph.
+    let vae = Vae::new(&cfg.vae, frozen_weights(vae_weights, DType::F32, device))?;
     let post = vae.encode(&inputs.images.to_device(device)?)?;
-    let reconstruction = vae.decode(&post.mean)?.detach();
+    let reconstruction = vae.decode(&post.mean)?;
 
     // The weights move to the device through a tracked copy: gradients come back to the CPU Vars.
-    let nets = Networks::new(
+    let (unet, head) = diffusion_networks(
         cfg,
         text.hidden_size(),
         compute_weights(ldm, DType::F32, device),
-        vae,
-        None,
     )?;
-    let (unet, head) = (&nets.unet, &nets.head);
+    let (unet, head) = (&unet, &head);
     let (hidden, mask) = text.encode(&inputs.texts, device)?;
     let latents = inputs.latents.to_device(device)?;
     let t: Vec<f32> = inputs.t.iter().map(|&t| t as f32).collect();
@@ -117,6 +131,15 @@ fn compute(
         .collect::<Result<Vec<_>>>()?;
     let gradients = Tensor::cat(&gradients, 0)?;
 
+    // Sampling from detached weights, as `generate` does: from the tracked ones every step's
+    // latents would carry the graph of all the steps before it.
+    let nets = Networks::new(
+        cfg,
+        text.hidden_size(),
+        frozen_weights(ldm, DType::F32, device),
+        vae,
+        None,
+    )?;
     let opts = SamplerOptions {
         kind: SamplerKind::Ddim,
         steps: 10,
@@ -133,11 +156,71 @@ fn compute(
         &mut |_| {},
     )?;
     let images = Tensor::new(images.concat(), &Device::Cpu)?;
+    // Last, so that a capture that fails cannot disturb the other rows.
+    let replay = replay.then(|| graph_replay(cfg, &text, &nets, &diffusion, inputs.texts[0]));
     Ok(Outputs {
         reconstruction,
         eps,
         gradients,
         images,
+        replay,
+    })
+}
+
+/// The guided step (2 images, guidance 3) replayed from a CUDA graph and run eagerly, for three
+/// inputs at three timesteps, each side's outputs concatenated.
+fn graph_replay(
+    cfg: &Config,
+    text: &TextEncoder,
+    nets: &Networks,
+    diffusion: &LatentDiffusion,
+    prompt: &str,
+) -> Result<Replay> {
+    let device = &nets.device;
+    let cond = diffusion.condition(text, nets, prompt, "")?;
+    let step = guided_step(&nets.unet, 3.0);
+    let (c, z) = (cfg.vae.latent_channels, cfg.latent_size());
+    let mut rng = Rng::new(14);
+    let inputs = [10, 500, 990]
+        .into_iter()
+        .map(|t| Ok(cond.step_inputs(&rng.randn((2, c, z, z), device)?, t)?))
+        .collect::<Result<Vec<_>>>()?;
+    let captured = CapturedStep::new(&step, &inputs[0])?;
+    let (mut eager, mut replayed) = (Vec::new(), Vec::new());
+    for x in &inputs {
+        replayed.push(captured.run(x)?);
+        eager.push(step(x)?);
+    }
+    Ok(Replay {
+        eager: Tensor::cat(&eager, 0)?,
+        replayed: Tensor::cat(&replayed, 0)?,
+        graph: captured.is_graph(),
+    })
+}
+
+/// A row of the table: `b` against the reference `a`, relative difference within `tol`.
+fn row(name: &str, a: &Tensor, b: &Tensor, tol: f64) -> Result<serde_json::Value> {
+    let (max, rel) = difference(a, b)?;
+    Ok(json!({
+        "check": name, "max_abs": max, "relative": rel, "tolerance": tol, "ok": rel <= tol,
+    }))
+}
+
+/// The row of [`graph_replay`]: the same kernels run on both sides, so the tolerance is tight. A
+/// capture that fails is a failed row that says why.
+fn graph_row(replay: Result<Replay>) -> Result<serde_json::Value> {
+    const NAME: &str = "CUDA graph vs eager";
+    const TOLERANCE: f64 = 1e-5;
+    Ok(match replay {
+        Ok(r) => {
+            let mut checked = row(NAME, &r.eager, &r.replayed, TOLERANCE)?;
+            checked["graph"] = r.graph.into();
+            checked
+        }
+        Err(e) => json!({
+            "check": NAME, "max_abs": null, "relative": null, "tolerance": TOLERANCE,
+            "ok": false, "error": format!("{e:#}"),
+        }),
     })
 }
 
@@ -167,8 +250,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             "No acute cardiopulmonary abnormality.",
         ],
     };
-    let reference = compute(&cfg, &cpu, &ldm, &vae_weights, &inputs)?;
-    let tested = compute(&cfg, &device, &ldm, &vae_weights, &inputs)?;
+    let reference = compute(&cfg, &cpu, &ldm, &vae_weights, &inputs, false)?;
+    let tested = compute(&cfg, &device, &ldm, &vae_weights, &inputs, true)?;
 
     // F32 on both sides: differences come from summation order only. Ten sampling steps with
     // guidance amplify them, hence the looser image tolerance (intensities in [0, 1]).
@@ -195,10 +278,10 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     ];
     let mut results = Vec::new();
     for (name, a, b, tol) in rows {
-        let (max, rel) = difference(a, b)?;
-        results.push(json!({
-            "check": name, "max_abs": max, "relative": rel, "tolerance": tol, "ok": rel <= tol,
-        }));
+        results.push(row(name, a, b, tol)?);
+    }
+    if let Some(replay) = tested.replay {
+        results.push(graph_row(replay)?);
     }
     let all_ok = results.iter().all(|r| r["ok"] == true);
     let name = crate::device::name(&device);
@@ -217,6 +300,9 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             "check", "max |diff|", "relative", "tolerance"
         )?;
         for r in &results {
+            if let Some(e) = r["error"].as_str() {
+                eprintln!("{}: {e}", r["check"].as_str().unwrap_or(""));
+            }
             writeln!(
                 out,
                 "{:<22} {:>12.3e} {:>12.3e} {:>10.0e}  {}",

@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 use super::samplers::Denoiser;
+use crate::cuda_graph::CapturedStep;
 use crate::model::UNet;
 
 /// A prompt encoded for guidance: the text head's context and the padding bias of the prompt
@@ -61,24 +62,10 @@ impl<'a> Guided<'a> {
 impl Guided<'_> {
     /// ε̂ for one image `x` [1, C, h, w]: its conditional and unconditional passes as a batch of 2.
     fn eps_one(&self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
-        if self.guidance == 1.0 {
-            let ts = Tensor::full(t as f32, 1, x.device())?;
-            let (ctx, bias) = (self.context.narrow(0, 0, 1)?, self.bias.narrow(0, 0, 1)?);
-            return self.unet.forward(x, &ts, &ctx, Some(&bias));
-        }
         let ts = Tensor::full(t as f32, 2, x.device())?;
-        let eps = self.unet.forward(
-            &Tensor::cat(&[x, x], 0)?,
-            &ts,
-            &self.context,
-            Some(&self.bias),
-        )?;
-        let (c, u) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
-        &u + ((c - &u)? * self.guidance)?
+        guide(self.unet, x, &ts, &self.context, &self.bias, self.guidance)
     }
-}
 
-impl Guided<'_> {
     /// ε̂ for a batch `x` [B, C, h, w] in one forward pass of 2B (conditional, then
     /// unconditional), with the contexts laid out by [`Guided::new`].
     fn eps_batch(&self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
@@ -86,18 +73,77 @@ impl Guided<'_> {
         let Some((ctx, bias)) = self.batched.as_ref().filter(|(c, _)| c.dims()[0] == 2 * b) else {
             return self.eps_one(x, t);
         };
-        if self.guidance == 1.0 {
-            let ts = Tensor::full(t as f32, b, x.device())?;
-            return self
-                .unet
-                .forward(x, &ts, &ctx.narrow(0, 0, b)?, Some(&bias.narrow(0, 0, b)?));
-        }
         let ts = Tensor::full(t as f32, 2 * b, x.device())?;
-        let eps = self
-            .unet
-            .forward(&Tensor::cat(&[x, x], 0)?, &ts, ctx, Some(bias))?;
-        let (c, u) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
-        &u + ((c - &u)? * self.guidance)?
+        guide(self.unet, x, &ts, ctx, bias, self.guidance)
+    }
+}
+
+/// ε̂ = ε_u + g (ε_c − ε_u) for `x` [B, C, h, w] from one forward pass of 2B (conditional rows,
+/// then unconditional): timesteps `ts` [2B], context [2B, T, D], padding bias [2B, 1, T]. At
+/// guidance 1 ε̂ is ε_c: one pass of the B conditional rows.
+fn guide(
+    unet: &UNet,
+    x: &Tensor,
+    ts: &Tensor,
+    context: &Tensor,
+    bias: &Tensor,
+    guidance: f64,
+) -> candle_core::Result<Tensor> {
+    let b = x.dim(0)?;
+    if guidance == 1.0 {
+        let rows = |t: &Tensor| t.narrow(0, 0, b);
+        return unet.forward(x, &rows(ts)?, &rows(context)?, Some(&rows(bias)?));
+    }
+    let eps = unet.forward(&Tensor::cat(&[x, x], 0)?, ts, context, Some(bias))?;
+    let (c, u) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
+    &u + ((c - &u)? * guidance)?
+}
+
+/// The guided ε̂ as a function of fixed-shape inputs, for a
+/// [`CapturedStep`]: `[x [B, C, h, w], ts [2B] F32, context [2, T, D], bias [2, 1, T]]` → ε̂
+/// [B, C, h, w], with `ts` the timestep of each row of the doubled batch (conditional rows, then
+/// unconditional) and the conditioning of [`Conditioning::step_inputs`]. The timesteps and the
+/// conditioning are inputs, not constants, so that one captured graph serves every step and
+/// every prompt of its shapes. The same kernels as the eager guidance on CUDA.
+pub fn guided_step(
+    unet: &UNet,
+    guidance: f64,
+) -> impl Fn(&[Tensor]) -> candle_core::Result<Tensor> + '_ {
+    move |inputs: &[Tensor]| match inputs {
+        [x, ts, context, bias] => {
+            let b = x.dim(0)?;
+            let (context, bias) = (repeat_rows(context, b)?, repeat_rows(bias, b)?);
+            guide(unet, x, ts, &context, &bias, guidance)
+        }
+        _ => candle_core::bail!(
+            "the guided step takes [x, timesteps, context, bias], got {} inputs",
+            inputs.len()
+        ),
+    }
+}
+
+impl Conditioning {
+    /// The inputs of [`guided_step`] for the latents `x` [B, C, h, w] at timestep `t`.
+    pub fn step_inputs(&self, x: &Tensor, t: usize) -> candle_core::Result<[Tensor; 4]> {
+        Ok([
+            x.clone(),
+            Tensor::full(t as f32, 2 * x.dim(0)?, x.device())?,
+            self.context.clone(),
+            self.bias.clone(),
+        ])
+    }
+}
+
+/// ε̂ of a [`guided_step`] replayed by a [`CapturedStep`] (from a CUDA graph on CUDA) for one
+/// prompt's conditioning.
+pub struct CapturedGuided<'s, 'a> {
+    pub step: &'s CapturedStep<'a>,
+    pub cond: &'s Conditioning,
+}
+
+impl Denoiser for CapturedGuided<'_, '_> {
+    fn eps(&mut self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
+        self.step.run(&self.cond.step_inputs(x, t)?)
     }
 }
 
@@ -161,8 +207,27 @@ mod tests {
             };
             let eps = |per_image| Guided::new(&unet, &cond, guidance, per_image, 3)?.eps(&x, 500);
             let (a, b) = (eps(true)?, eps(false)?);
-            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(d < 1e-4, "guidance {guidance}: {d}");
+            // What a CUDA graph replays (the timesteps and the conditioning inputs, not
+            // constants) is the batched guidance exactly, and CapturedStep's CPU path is the
+            // step itself.
+            let step = guided_step(&unet, guidance);
+            let inputs = cond.step_inputs(&x, 500)?;
+            let captured = CapturedStep::new(&step, &inputs)?;
+            assert!(!captured.is_graph());
+            let mut replayed = CapturedGuided {
+                step: &captured,
+                cond: &cond,
+            };
+            for got in [
+                step(&inputs)?,
+                captured.run(&inputs)?,
+                replayed.eps(&x, 500)?,
+            ] {
+                let d = (got - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert_eq!(d, 0.0, "guidance {guidance}");
+            }
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::guidance::{Conditioning, Guided};
-use super::samplers::{sample, ClampX0, ImageNoise, SamplerOptions};
+use super::samplers::{sample, ClampX0, Denoiser, ImageNoise, SamplerOptions};
 use super::schedule::NoiseSchedule;
 use crate::config::Config;
 use crate::model::attention::padding_bias;
@@ -151,7 +151,21 @@ impl LatentDiffusion {
         guidance: f64,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Vec<Vec<f32>>> {
-        let latents = self.denoise(nets, cond, seeds, opts, guidance, on_step)?;
+        let guided = Self::guided(nets, cond, guidance, seeds.len())?;
+        self.sample_with(nets, guided, seeds, opts, on_step)
+    }
+
+    /// [`LatentDiffusion::sample`] with another noise predictor, e.g. a
+    /// [`super::CapturedGuided`] step replayed from a CUDA graph.
+    pub fn sample_with(
+        &self,
+        nets: &Networks,
+        denoiser: impl Denoiser,
+        seeds: &[u64],
+        opts: &SamplerOptions,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        let latents = self.denoise_with(&nets.device, denoiser, seeds, opts, on_step)?;
         // A NaN or infinity anywhere would decode to a flat or garbage image: refuse instead.
         let total = latents
             .sum_all()?
@@ -175,25 +189,42 @@ impl LatentDiffusion {
         guidance: f64,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Tensor> {
-        let mut guided = Guided::new(
-            &nets.unet,
-            cond,
-            guidance,
-            nets.device.is_cpu(),
-            seeds.len(),
-        )?;
-        let mut noise = ImageNoise::new(seeds, self.latent_shape, &nets.device);
+        let guided = Self::guided(nets, cond, guidance, seeds.len())?;
+        self.denoise_with(&nets.device, guided, seeds, opts, on_step)
+    }
+
+    /// The U-Net's guided noise prediction for batches of `batch` images: image by image on the
+    /// CPU, the whole batch in one pass elsewhere.
+    fn guided<'a>(
+        nets: &'a Networks,
+        cond: &Conditioning,
+        guidance: f64,
+        batch: usize,
+    ) -> candle_core::Result<Guided<'a>> {
+        Guided::new(&nets.unet, cond, guidance, nets.device.is_cpu(), batch)
+    }
+
+    /// [`LatentDiffusion::denoise`] with any noise predictor, on `device`.
+    pub fn denoise_with(
+        &self,
+        device: &Device,
+        mut denoiser: impl Denoiser,
+        seeds: &[u64],
+        opts: &SamplerOptions,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let mut noise = ImageNoise::new(seeds, self.latent_shape, device);
         let schedule = &self.schedule;
         Ok(match self.latents.range {
             Some((lo, hi)) => {
                 let mut clamped = ClampX0 {
-                    inner: guided,
+                    inner: denoiser,
                     alphas_cumprod: &schedule.alphas_cumprod,
                     range: (lo as f32, hi as f32),
                 };
                 sample(&mut clamped, schedule, opts, &mut noise, on_step)?
             }
-            None => sample(&mut guided, schedule, opts, &mut noise, on_step)?,
+            None => sample(&mut denoiser, schedule, opts, &mut noise, on_step)?,
         })
     }
 

@@ -6,7 +6,7 @@ pub mod inferer;
 pub mod samplers;
 pub mod schedule;
 
-pub use guidance::Conditioning;
+pub use guidance::{guided_step, CapturedGuided, Conditioning};
 pub use inferer::{LatentDiffusion, Networks};
 pub use samplers::{sample, ClampX0, Denoiser, ImageNoise, SamplerKind, SamplerOptions};
 pub use schedule::NoiseSchedule;

@@ -1,6 +1,7 @@
 //! The trained weights as the networks see them: named parameters, F32 master weights cast to
-//! the compute precision, weights read from safetensors bytes, fresh U-Net and text-head weights,
-//! and the weights being trained ([`Trainable`]: precision and gradient checkpointing).
+//! the compute precision (tracked for training, detached for sampling), weights read from
+//! safetensors bytes, fresh U-Net and text-head weights, and the weights being trained
+//! ([`Trainable`]: precision and gradient checkpointing).
 
 use std::collections::HashMap;
 
@@ -30,12 +31,29 @@ pub fn named_params(varmap: &VarMap) -> Vec<(String, Var)> {
 /// networks from. The casts are part of the graph, so their backward pass hands F32 gradients
 /// to the master weights; in F32 the "casts" are the Vars themselves.
 pub fn compute_weights(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    weights_of(varmap, dtype, device, |v| v.as_tensor().clone())
+}
+
+/// `varmap`'s weights for inference: detached, so that nothing computed from them records a
+/// graph. (Sampled from [`compute_weights`], every denoising step's latents carried the graphs of
+/// all the steps before it, and sampling memory grew with the number of steps: issue 13's
+/// "batch 8 takes 10 GB".)
+pub fn frozen_weights(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    weights_of(varmap, dtype, device, |v| v.as_tensor().detach())
+}
+
+fn weights_of(
+    varmap: &VarMap,
+    dtype: DType,
+    device: &Device,
+    take: impl Fn(&Var) -> Tensor,
+) -> VarBuilder<'static> {
     let tensors: HashMap<String, Tensor> = varmap
         .data()
         .lock()
         .expect("varmap lock")
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .map(|(k, v)| (k.clone(), take(v)))
         .collect();
     VarBuilder::from_tensors(tensors, dtype, device)
 }
@@ -95,12 +113,13 @@ impl Trainable {
 
     /// The weights as the networks read them, in the compute precision ([`compute_weights`]).
     pub fn compute(&self) -> VarBuilder<'static> {
-        self.in_dtype(self.dtype)
+        compute_weights(&self.varmap, self.dtype, &self.device)
     }
 
-    /// The weights cast to `dtype`.
-    pub fn in_dtype(&self, dtype: DType) -> VarBuilder<'static> {
-        compute_weights(&self.varmap, dtype, &self.device)
+    /// The weights cast to `dtype` and detached ([`frozen_weights`]), for what only runs the
+    /// networks forward: nothing computed from them keeps its activations for a backward pass.
+    pub fn frozen(&self, dtype: DType) -> VarBuilder<'static> {
+        frozen_weights(&self.varmap, dtype, &self.device)
     }
 
     /// The gradient checkpointing the networks are to use.
@@ -119,5 +138,25 @@ impl Trainable {
             c.merge_into(&mut grads)?;
         }
         Ok(grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_weights_record_no_graph() -> Result<()> {
+        let (varmap, dev) = (VarMap::new(), Device::Cpu);
+        varmap.get((2, 3), "w", candle_nn::Init::Const(0.5), DType::F32, &dev)?;
+        let x = Tensor::ones((4, 2), DType::F32, &dev)?;
+        let tracked = compute_weights(&varmap, DType::F32, &dev).get((2, 3), "w")?;
+        let frozen = frozen_weights(&varmap, DType::F32, &dev).get((2, 3), "w")?;
+        // Training needs the graph back to the Var; sampling must not build one, or each step's
+        // output holds on to every step before it.
+        assert!(x.matmul(&tracked)?.track_op());
+        assert!(!x.matmul(&frozen)?.track_op());
+        assert_eq!(frozen.to_vec2::<f32>()?, tracked.to_vec2::<f32>()?);
+        Ok(())
     }
 }

@@ -243,11 +243,12 @@ impl Stepper {
         Ok(())
     }
 
-    /// The weights as they are.
+    /// The weights as they are, detached: the sample grids draw from them, and sampled from the
+    /// Vars themselves every denoising step would record a graph holding all the steps before.
     fn weights(&self) -> HashMap<String, Tensor> {
         self.params
             .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect()
     }
 

@@ -73,12 +73,11 @@ impl<'a> VaeObjective<'a> {
             Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
         };
         let device = self.weights.device();
-        let vae = Vae::new(self.config, self.weights.in_dtype(DType::F32))?;
+        // Detached weights: a tracked encode of 16 images would keep all its activations.
+        let vae = Vae::new(self.config, self.weights.frozen(DType::F32))?;
         for chunk in self.scale_indices.chunks(16) {
             let post = vae.encode(&self.images.images(chunk, device)?)?;
-            let z = post
-                .sample(&rng.randn(post.mean.shape(), device)?)?
-                .detach();
+            let z = post.sample(&rng.randn(post.mean.shape(), device)?)?;
             sum += f64_of(z.sum_all()?)?;
             sq += f64_of(z.sqr()?.sum_all()?)?;
             lo = lo.min(f64_of(z.min_all()?)?);

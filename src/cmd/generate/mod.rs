@@ -9,14 +9,17 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::config::Precision;
-use crate::diffusion::SamplerOptions;
+use crate::diffusion::{CapturedGuided, SamplerOptions};
 use crate::io::dicom;
 use crate::io::png::{self, Pixels};
 use crate::io::stdout::Stdout;
 
+pub mod batch;
+pub mod graphs;
 pub mod pipeline;
 pub mod prompts;
 
+use graphs::StepGraphs;
 use pipeline::Pipeline;
 
 /// The notice every generated image carries (paper §5.4: mark synthetic images).
@@ -57,7 +60,8 @@ pub struct Request {
     pub seed: u64,
     pub sampler: SamplerOptions,
     pub guidance: f64,
-    pub batch_size: usize,
+    /// None: chosen ([`batch::choose`]).
+    pub batch_size: Option<usize>,
     pub out: PathBuf,
     /// 8 or 16 bits per pixel.
     pub bits: u8,
@@ -70,6 +74,8 @@ pub struct Request {
     pub precision: Option<Precision>,
     /// Clip the clean-latent estimates to the training latents' range (the default).
     pub clip: bool,
+    /// On CUDA, replay the guided step from CUDA graphs (the default).
+    pub cuda_graph: bool,
 }
 
 fn validate(req: &Request) -> Result<()> {
@@ -86,7 +92,7 @@ fn validate(req: &Request) -> Result<()> {
     if req.n == 0 {
         bail!("--n 0: nothing to generate");
     }
-    if req.batch_size == 0 {
+    if req.batch_size == Some(0) {
         bail!("--batch-size 0: must be at least 1");
     }
     if req.sampler.steps == 0 {
@@ -216,6 +222,26 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         }
     }
 
+    let z = config.latent_size();
+    let latent = (config.vae.latent_channels, z, z);
+    let graphs_on = device.is_cuda() && req.cuda_graph;
+    let batch_size = match (req.batch_size, targets.first()) {
+        (Some(b), _) => b,
+        (None, Some(first)) => {
+            let cond =
+                || diffusion.condition(&text, &networks, &first.job.prompt, &req.negative_prompt);
+            let n = targets
+                .chunk_by(|a, b| std::ptr::eq(a.job, b.job))
+                .map(<[Target]>::len)
+                .max()
+                .unwrap_or(1);
+            batch::choose(&networks, cond, req.guidance, latent, graphs_on, n)?
+        }
+        // Nothing left to generate.
+        (None, None) => batch::CPU_DEFAULT,
+    };
+    let mut graphs = graphs_on.then(|| StepGraphs::new(&networks.unet, req.guidance));
+
     let size = config.data.image_size as u32;
     let bar = if req.progress {
         indicatif::ProgressBar::new((targets.len() * req.sampler.steps) as u64)
@@ -230,19 +256,34 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     for group in targets.chunk_by(|a, b| std::ptr::eq(a.job, b.job)) {
         let job = group[0].job;
         let cond = diffusion.condition(&text, &networks, &job.prompt, &req.negative_prompt)?;
-        for batch in group.chunks(req.batch_size) {
+        for batch in group.chunks(batch_size) {
             if crate::interrupt::requested() {
                 return Err(crate::interrupt::Interrupted.into());
             }
             let seeds: Vec<u64> = batch.iter().map(|t| t.seed).collect();
-            let images = diffusion.sample(
-                &networks,
-                &cond,
-                &seeds,
-                &req.sampler,
-                req.guidance,
-                &mut |_| bar.inc(batch.len() as u64),
-            )?;
+            let mut on_step = |_| bar.inc(batch.len() as u64);
+            let captured = match graphs.as_mut() {
+                Some(g) => g.step_for(&cond, batch.len(), latent, &device)?,
+                None => None,
+            };
+            let images = match captured {
+                // The eager step's kernels, replayed: the same images.
+                Some(step) => diffusion.sample_with(
+                    &networks,
+                    CapturedGuided { step, cond: &cond },
+                    &seeds,
+                    &req.sampler,
+                    &mut on_step,
+                )?,
+                None => diffusion.sample(
+                    &networks,
+                    &cond,
+                    &seeds,
+                    &req.sampler,
+                    req.guidance,
+                    &mut on_step,
+                )?,
+            };
             for (target, img) in batch.iter().zip(images) {
                 let meta = [
                     ("prompt", job.prompt.clone()),
