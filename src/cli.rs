@@ -252,17 +252,8 @@ struct GenerateArgs {
     n: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Sampling steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
-    sampler: SamplerArg,
-    /// DDIM's η: 0 is deterministic.
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
-    /// Classifier-free guidance scale; 1 is no guidance.
-    #[arg(long, default_value_t = 3.0)]
-    guidance_scale: f64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Images sampled together (no effect on the images themselves).
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
@@ -321,6 +312,42 @@ enum SamplerArg {
     #[value(name = "dpmpp-2m")]
     DpmPp2m,
     Ddpm,
+}
+
+impl From<SamplerArg> for SamplerKind {
+    fn from(s: SamplerArg) -> Self {
+        match s {
+            SamplerArg::Ddim => Self::Ddim,
+            SamplerArg::DpmPp2m => Self::DpmPp2m,
+            SamplerArg::Ddpm => Self::Ddpm,
+        }
+    }
+}
+
+/// How `generate` samples.
+#[derive(Args)]
+struct SamplingArgs {
+    /// Sampling steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
+    sampler: SamplerArg,
+    /// DDIM's η: 0 is deterministic.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Classifier-free guidance scale; 1 is no guidance.
+    #[arg(long, default_value_t = 3.0)]
+    guidance_scale: f64,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> SamplerOptions {
+        SamplerOptions {
+            kind: self.sampler.into(),
+            steps: self.steps,
+            eta: self.eta,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -403,16 +430,8 @@ impl GenerateArgs {
             unconditional: self.unconditional,
             n: self.n,
             seed: self.seed,
-            sampler: SamplerOptions {
-                kind: match self.sampler {
-                    SamplerArg::Ddim => SamplerKind::Ddim,
-                    SamplerArg::DpmPp2m => SamplerKind::DpmPp2m,
-                    SamplerArg::Ddpm => SamplerKind::Ddpm,
-                },
-                steps: self.steps,
-                eta: self.eta,
-            },
-            guidance: self.guidance_scale,
+            sampler: self.sampling.options(),
+            guidance: self.sampling.guidance_scale,
             batch_size: self.batch_size,
             out: self.out,
             bits: self.bits,

@@ -14,6 +14,10 @@ pub mod phantom;
 pub mod prepare;
 pub mod train;
 
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
 use crate::config::{Config, RandomBertConfig, TextEncoderSource};
 
 /// Replaces a pretrained text encoder by a one-layer random BERT of the same width (768 when the
@@ -30,4 +34,15 @@ pub fn use_random_text_encoder(cfg: &mut Config) {
         });
         cfg.text.hidden_size = Some(hidden);
     }
+}
+
+/// Creates the output folder `out` and checks that it can be written, before any work is done.
+pub fn prepare_out(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    let probe = out.join(format!(".cxrgen-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("--out {}: the folder cannot be written", out.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
 }
