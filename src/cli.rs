@@ -2,8 +2,7 @@
 //! [`crate::cmd`].
 //!
 //! Exit codes: 0 success; 1 error (the message says what and where); 2 bad arguments (from clap);
-//! 3 the subcommand is not implemented yet; 130 stopped by Ctrl-C (training saves a checkpoint
-//! first).
+//! 130 stopped by Ctrl-C (training saves a checkpoint first).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -15,11 +14,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::cmd;
 use crate::config::Precision;
 use crate::data::prepare::Source;
+use crate::data::split::Split;
 use crate::device::DeviceChoice;
 use crate::diffusion::{SamplerKind, SamplerOptions};
 use crate::train::RunRequest;
-
-pub const EXIT_NOT_IMPLEMENTED: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -46,8 +44,8 @@ enum Command {
     TrainDiffusion(TrainDiffusionArgs),
     /// Generate synthetic radiographs from a text prompt.
     Generate(GenerateArgs),
-    /// Evaluate generated images against the test split (not yet filed).
-    Eval(PendingArgs),
+    /// Evaluate a trained model on held-out images (docs/evaluation.md).
+    Eval(EvalArgs),
     /// Print the resolved config and the parameter count of each network.
     Info(InfoArgs),
     /// Time sampling (ms per step and per image) and, with --train or --train-vae, training steps.
@@ -324,7 +322,7 @@ impl From<SamplerArg> for SamplerKind {
     }
 }
 
-/// How `generate` samples.
+/// How `generate` and `eval generation` sample.
 #[derive(Args)]
 struct SamplingArgs {
     /// Sampling steps.
@@ -351,9 +349,86 @@ impl SamplingArgs {
 }
 
 #[derive(Args)]
-struct PendingArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
+struct EvalArgs {
+    #[command(subcommand)]
+    task: EvalTask,
+}
+
+#[derive(Subcommand)]
+enum EvalTask {
+    /// A train-vae run's reconstructions of held-out images: SSIM, PSNR, MSE, LPIPS.
+    Vae(EvalCommonArgs),
+    /// Images a train-diffusion run generates from held-out reports: FID and KID with the
+    /// real-vs-real floor, SSIM/PSNR/MSE/LPIPS against each report's image, MS-SSIM diversity.
+    Generation(EvalGenerationArgs),
+}
+
+#[derive(Args)]
+struct EvalCommonArgs {
+    /// A run folder (its best checkpoint, else its last) or checkpoint folder: train-vae for
+    /// `eval vae`, train-diffusion for `eval generation`.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// The prepared cache (`cxrgen prepare`) holding the held-out images.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// The split whose images are evaluated.
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    split: SplitArg,
+    /// Where the outputs go (default: eval-<task>-<split> in the --checkpoint folder).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Only these metrics, comma-separated (ssim, psnr, mse, lpips; for generation also fid,
+    /// kid, ms-ssim); a named metric that cannot be computed is an error instead of being left
+    /// out.
+    #[arg(long, value_delimiter = ',')]
+    metrics: Option<Vec<cmd::eval::Metric>>,
+    /// The folder of the metric networks' weights (default: $CXRGEN_EVAL_WEIGHTS, else
+    /// ~/.cache/cxrgen/eval; scripts/fetch-eval-weights.sh fills it).
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Images per forward pass of the metric networks.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct EvalGenerationArgs {
+    #[command(flatten)]
+    common: EvalCommonArgs,
+    /// Reports of the split to generate from (default: all).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Images per report (MS-SSIM diversity needs 2 or more); image j of report i uses
+    /// seed + i · per-prompt + j.
+    #[arg(long, default_value_t = 2)]
+    per_prompt: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// What the networks compute in (default: f16 on CUDA, f32 on the CPU).
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SplitArg {
+    Train,
+    Val,
+    Test,
+}
+
+impl From<SplitArg> for Split {
+    fn from(s: SplitArg) -> Self {
+        match s {
+            SplitArg::Train => Self::Train,
+            SplitArg::Val => Self::Val,
+            SplitArg::Test => Self::Test,
+        }
+    }
 }
 
 pub fn run() -> Result<ExitCode> {
@@ -396,7 +471,21 @@ pub fn run() -> Result<ExitCode> {
             cmd::train::diffusion(&a.common.request(progress)?, a.vae.as_deref())
         }
         Command::Generate(a) => cmd::generate::run(&a.request(progress)),
-        Command::Eval(_) => not_implemented("eval", "a later issue"),
+        Command::Eval(EvalArgs { task }) => cmd::eval::run(&match task {
+            EvalTask::Vae(a) => a.request(cmd::eval::Task::Vae, progress),
+            EvalTask::Generation(a) => {
+                let opts = cmd::eval::generation::Options {
+                    n: a.n,
+                    per_prompt: a.per_prompt,
+                    seed: a.seed,
+                    sampler: a.sampling.options(),
+                    guidance: a.sampling.guidance_scale,
+                    precision: a.precision.map(Into::into),
+                };
+                a.common
+                    .request(cmd::eval::Task::Generation(opts), progress)
+            }
+        }),
         Command::CheckDevice(a) => cmd::check_device::run(&cmd::check_device::Request {
             config: a.config.config,
             device: a.device.device,
@@ -449,6 +538,23 @@ impl GenerateArgs {
     }
 }
 
+impl EvalCommonArgs {
+    fn request(self, task: cmd::eval::Task, progress: bool) -> cmd::eval::Request {
+        cmd::eval::Request {
+            task,
+            checkpoint: self.checkpoint,
+            data: self.data,
+            split: self.split.into(),
+            out: self.out,
+            metrics: self.metrics,
+            weights: self.weights,
+            batch_size: self.batch_size,
+            device: self.device.device,
+            progress,
+        }
+    }
+}
+
 impl TrainArgs {
     fn request(&self, progress: bool) -> Result<RunRequest> {
         Ok(RunRequest {
@@ -462,9 +568,4 @@ impl TrainArgs {
             progress,
         })
     }
-}
-
-fn not_implemented(name: &str, issue: &str) -> Result<ExitCode> {
-    eprintln!("cxrgen {name} is not implemented yet (tracked in {issue}); nothing was done.");
-    Ok(ExitCode::from(EXIT_NOT_IMPLEMENTED))
 }

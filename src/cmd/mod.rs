@@ -3,10 +3,12 @@
 //!
 //! `prepare` prepare.rs · `phantom` phantom.rs · `grid` grid.rs · `train-vae`, `train-diffusion`
 //! train.rs · `generate` generate/ (the command, the pipeline it samples with, prompts files) ·
+//! `eval vae`, `eval generation` eval/ (the two tasks, their paired metrics, their outputs) ·
 //! `info` info.rs · `bench` bench.rs · `check-device` check_device.rs.
 
 pub mod bench;
 pub mod check_device;
+pub mod eval;
 pub mod generate;
 pub mod grid;
 pub mod info;

@@ -11,30 +11,35 @@
 //! Generated images are quantised to 8 bits, as `cxrgen generate` writes them, before any
 //! metric sees them; the real ones are the cache's 8-bit images.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
+use image::GrayImage;
 use serde_json::{json, Value};
 
-use super::distribution::{
-    frechet_distance, kernel_inception_distance, FeatureStats, Kid, KidConfig,
-};
-use super::inception::{FidInception, RESIZE_RECIPE};
 use super::paired::{md_rows, Paired};
-use super::pixel::{MsSsim, SsimConfig};
 use super::report::{finish, held_out, json_bytes, mean_std, progress_bar, unit, OutDir};
-use super::summary::MeanStd;
-use super::{network, weights, Metric, Request};
+use super::{network, Metric, Request};
+use crate::cmd::generate::{check_sampling, pipeline::Pipeline};
 use crate::config::Precision;
 use crate::data::cache::Cache;
-use crate::diffusion::pipeline::Pipeline;
 use crate::diffusion::SamplerOptions;
+use crate::eval::distribution::{
+    frechet_distance, kernel_inception_distance, FeatureStats, Kid, KidConfig,
+};
+use crate::eval::inception::{FidInception, RESIZE_RECIPE};
+use crate::eval::pixel::{MsSsim, SsimConfig};
+use crate::eval::summary::MeanStd;
+use crate::eval::weights;
 use crate::rng::Rng;
 
 /// Below this many images FID's bias dominates (the FID literature's usual minimum).
 const FID_MIN_RECOMMENDED: usize = 2048;
-/// Prompts shown in the figure.
+/// The figure: each report's real image beside its generated ones.
+const FIGURE: &str = "real-vs-generated.png";
+/// Reports shown in the figure.
 const FIGURE_ROWS: usize = 8;
 
 /// How the images are generated.
@@ -65,17 +70,12 @@ fn paper(m: Metric) -> String {
 
 pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
     ensure!(opts.per_prompt > 0, "--per-prompt 0: must be at least 1");
-    ensure!(opts.sampler.steps > 0, "--steps 0: must be at least 1");
-    ensure!(
-        opts.guidance.is_finite() && opts.guidance >= 0.0,
-        "--guidance-scale {}: must be a finite number ≥ 0",
-        opts.guidance
-    );
+    check_sampling(&opts.sampler, opts.guidance)?;
     let asked = req.asked_metrics()?;
     let device = crate::device::open(req.device)?;
     let precision = crate::device::precision_on(&device, opts.precision, Precision::F16)?;
     let pipeline = Pipeline::load(&req.checkpoint, true, &device, precision)?;
-    let t_max = pipeline.config.diffusion.timesteps;
+    let t_max = pipeline.diffusion.timesteps();
     ensure!(
         opts.sampler.steps <= t_max,
         "--steps {}: the model has {t_max} diffusion timesteps",
@@ -145,7 +145,12 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
     let out = OutDir::prepare(&req.out_dir())?;
 
     // Generate, comparing as we go.
-    let parts = pipeline.parts();
+    let Pipeline {
+        text,
+        networks,
+        diffusion,
+        ..
+    } = &pipeline;
     let bar = progress_bar(req, n * k * opts.sampler.steps);
     let mut generated = Vec::with_capacity(n);
     let mut diversity = Vec::new();
@@ -156,10 +161,15 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
         let seeds: Vec<u64> = (0..k as u64)
             .map(|j| opts.seed + (i * k) as u64 + j)
             .collect();
-        let cond = parts.condition(&cache.records[index].text, "")?;
-        let images = parts.sample(&cond, &seeds, &opts.sampler, opts.guidance, &mut |_| {
-            bar.inc(k as u64)
-        })?;
+        let cond = diffusion.condition(text, networks, &cache.records[index].text, "")?;
+        let images = diffusion.sample(
+            networks,
+            &cond,
+            &seeds,
+            &opts.sampler,
+            opts.guidance,
+            &mut |_| bar.inc(k as u64),
+        )?;
         let pixels: Vec<f32> = images
             .concat()
             .iter()
@@ -276,11 +286,14 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
     for line in &left_out {
         md.push_str(&format!("\n{line}.\n"));
     }
-    let figure = figure(&cache, &real[..n.min(FIGURE_ROWS)], &generated, k, size)?;
+    let figure = crate::io::fs::image_bytes(
+        Path::new(FIGURE),
+        figure(&cache, &real[..n.min(FIGURE_ROWS)], &generated, k, size)?,
+    )?;
     out.write(&[
         ("eval.json", &json_bytes(&report)?[..]),
         ("eval.md", md.as_bytes()),
-        ("real-vs-generated.png", &figure[..]),
+        (FIGURE, &figure[..]),
     ])?;
     finish(req, &left_out, &summaries);
     Ok(ExitCode::SUCCESS)
@@ -446,38 +459,30 @@ impl Distribution {
     }
 }
 
-/// A PNG: one row per report, its real image then its generated ones.
+/// The figure: one row per report, its real image then its generated ones.
 fn figure(
     cache: &Cache,
     rows: &[usize],
     generated: &Tensor,
     k: usize,
     size: usize,
-) -> Result<Vec<u8>> {
-    let (w, h) = ((k + 1) * size, rows.len() * size);
-    let mut img = image::GrayImage::new(w as u32, h as u32);
+) -> Result<GrayImage> {
+    let side = size as u32;
+    let mut tiles = Vec::with_capacity(rows.len() * (k + 1));
     for (r, &index) in rows.iter().enumerate() {
-        let mut tiles = vec![cache.pixels(index)?];
+        tiles.push(gray(side, cache.pixels(index)?)?);
         for j in 0..k {
             let t = generated.get(r * k + j)?.flatten_all()?.to_vec1::<f32>()?;
-            tiles.push(t.iter().map(|v| (v * 255.0).round() as u8).collect());
-        }
-        for (c, tile) in tiles.iter().enumerate() {
-            for y in 0..size {
-                for x in 0..size {
-                    img.put_pixel(
-                        (c * size + x) as u32,
-                        (r * size + y) as u32,
-                        image::Luma([tile[y * size + x]]),
-                    );
-                }
-            }
+            tiles.push(gray(
+                side,
+                t.iter().map(|v| (v * 255.0).round() as u8).collect(),
+            )?);
         }
     }
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )?;
-    Ok(bytes)
+    // Tiles of the images' own size are copied as they are, not resampled.
+    crate::io::grid::tile(&tiles, k + 1, side, 0)
+}
+
+fn gray(side: u32, pixels: Vec<u8>) -> Result<GrayImage> {
+    GrayImage::from_raw(side, side, pixels).context("an image of the wrong size")
 }

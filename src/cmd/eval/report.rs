@@ -1,15 +1,15 @@
 //! What `eval vae` and `eval generation` share: the held-out images, progress, and outputs
-//! (eval.json, eval.md) written so that none is ever half-written.
+//! (eval.json, eval.md, figures) written so that none is ever half-written.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 use indicatif::ProgressBar;
 
-use super::summary::MeanStd;
 use super::{Metric, Request};
 use crate::data::cache::Cache;
+use crate::eval::summary::MeanStd;
 
 /// The output folder of one evaluation: created up front (so that an unwritable `--out` fails
 /// before any work), and removed again on failure if this evaluation created it and left it
@@ -23,12 +23,7 @@ pub struct OutDir {
 impl OutDir {
     pub fn prepare(path: &Path) -> Result<Self> {
         let created = !path.exists();
-        std::fs::create_dir_all(path)
-            .with_context(|| format!("--out {}: cannot create the folder", path.display()))?;
-        let probe = path.join(format!(".cxrgen-write-test-{}", std::process::id()));
-        std::fs::write(&probe, b"")
-            .with_context(|| format!("--out {}: the folder cannot be written", path.display()))?;
-        std::fs::remove_file(&probe).ok();
+        crate::cmd::prepare_out(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             created,
@@ -36,27 +31,16 @@ impl OutDir {
         })
     }
 
-    /// Writes every file to a temporary name, then renames them all into place: a failure
-    /// before the renames leaves the folder as it was.
+    /// Writes every file (name in the folder, bytes), all of them or none
+    /// ([`crate::io::fs::replace_all`]).
     pub fn write(mut self, files: &[(&str, &[u8])]) -> Result<()> {
-        let tmp = |name: &str| {
-            self.path
-                .join(format!(".{name}.tmp-{}", std::process::id()))
-        };
-        let written: Result<()> = files
+        let paths: Vec<PathBuf> = files.iter().map(|(name, _)| self.path.join(name)).collect();
+        let files: Vec<(&Path, &[u8])> = paths
             .iter()
-            .try_for_each(|(name, bytes)| crate::data::cache::write_synced(&tmp(name), bytes));
-        if let Err(e) = written {
-            for (name, _) in files {
-                let _ = std::fs::remove_file(tmp(name));
-            }
-            return Err(e);
-        }
-        for (name, _) in files {
-            let target = self.path.join(name);
-            std::fs::rename(tmp(name), &target)
-                .with_context(|| format!("cannot write {}", target.display()))?;
-        }
+            .zip(files)
+            .map(|(path, (_, bytes))| (path.as_path(), *bytes))
+            .collect();
+        crate::io::fs::replace_all(&files)?;
         self.finished = true;
         Ok(())
     }

@@ -3,57 +3,33 @@
 //! to [−1, 1] and mapped to [0, 1], then compared with the original: SSIM, PSNR, MSE and LPIPS,
 //! each as mean ± standard deviation over the images.
 
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use anyhow::{Context, Result};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::paired::{md_rows, Paired};
 use super::report::{finish, held_out, json_bytes, progress_bar, unit, OutDir};
 use super::{Metric, Request};
+use crate::checkpoint::{Checkpoint, Pick, Stage, TrainedVae};
 use crate::data::cache::Cache;
-use crate::train::checkpoint::{self, TrainState};
-use crate::train::stages::TrainedVae;
 
 /// The paper's reconstruction SSIM (§3.2.1), shown beside ours.
 const PAPER_SSIM: f64 = 0.89;
 
 const RECONSTRUCTION: &str = "the encoder's posterior mean (no sampling), decoded in F32, clamped to [-1, 1] and mapped to [0, 1]; compared with the cached 8-bit original mapped to [0, 1]";
 
-/// A train-vae checkpoint: `path` is a checkpoint folder or a run folder (its best checkpoint,
-/// else its last).
-fn load_vae(path: &Path, device: &Device) -> Result<(PathBuf, TrainState, TrainedVae)> {
-    let (dir, state) = if path.join(checkpoint::STATE).is_file() {
-        (path.to_path_buf(), checkpoint::read_state(path)?)
-    } else if path.join(checkpoint::CHECKPOINTS).is_dir() {
-        checkpoint::resolve(path, checkpoint::BEST)
-            .or_else(|_| checkpoint::resolve(path, checkpoint::LAST))?
-    } else {
-        bail!(
-            "--checkpoint {}: not a train-vae run folder nor a checkpoint folder (no checkpoints/ or state.json)",
-            path.display()
-        )
-    };
-    if state.stage != "vae" {
-        bail!(
-            "--checkpoint {}: a {} checkpoint; `eval vae` needs a train-vae checkpoint",
-            dir.display(),
-            state.stage
-        )
-    }
-    let vae = TrainedVae::load(&dir, &state.config, device)?;
-    Ok((dir, state, vae))
-}
-
 pub fn run(req: &Request) -> Result<ExitCode> {
     let asked = req.asked_metrics()?;
     let device = crate::device::open(req.device)?;
-    let (ckpt_dir, state, trained) = load_vae(&req.checkpoint, &device)?;
+    // A train-vae run folder (its best checkpoint, else its last) or checkpoint folder.
+    let ckpt = Checkpoint::resolve(&req.checkpoint, Pick::BestElseLast)
+        .and_then(|c| c.of_stage(Stage::Vae))
+        .with_context(|| format!("--checkpoint {}", req.checkpoint.display()))?;
+    let trained = TrainedVae::trained_in(&ckpt, &device)?;
     let cache = Cache::open(&req.data).with_context(|| format!("--data {}", req.data.display()))?;
-    let size = state.config.data.image_size;
+    let size = ckpt.state.config.data.image_size;
     let indices = held_out(req, &cache, size)?;
     let mut left_out = Vec::new();
     let mut paired = Paired::for_request(req, &asked, size, &device, &mut left_out)?;
@@ -78,9 +54,9 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         "cxrgen_version": env!("CARGO_PKG_VERSION"),
         "task": "vae",
         "checkpoint": {
-            "path": ckpt_dir.display().to_string(),
-            "stage": state.stage,
-            "step": state.step,
+            "path": ckpt.dir.display().to_string(),
+            "stage": ckpt.state.stage.name(),
+            "step": ckpt.state.step,
             "weights_sha256": vae_sha256,
         },
         "data": {
@@ -99,8 +75,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
 
     let mut md = format!(
         "# cxrgen eval vae\n\nVAE `{}` (step {}, weights sha256 `{}`) on the {} split of `{}`: {} images of {size}×{size}, on {}.\n\nReconstruction: {RECONSTRUCTION}.\n\n| metric | mean ± std | images | paper |\n|---|---|---|---|\n",
-        ckpt_dir.display(),
-        state.step,
+        ckpt.dir.display(),
+        ckpt.state.step,
         &vae_sha256[..16],
         req.split,
         req.data.display(),

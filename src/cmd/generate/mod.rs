@@ -72,7 +72,8 @@ pub struct Request {
     pub clip: bool,
 }
 
-/// The sampling flags: --steps, --eta, --guidance-scale.
+/// The sampling flags that `generate` and `eval generation` share: --steps, --eta,
+/// --guidance-scale.
 pub fn check_sampling(sampler: &SamplerOptions, guidance: f64) -> Result<()> {
     if sampler.steps == 0 {
         bail!("--steps 0: must be at least 1");
@@ -141,6 +142,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         networks,
         diffusion,
         weights_sha256,
+        ..
     } = Pipeline::load(&req.checkpoint, req.ema, &device, precision)?;
     let diffusion = if req.clip {
         diffusion
