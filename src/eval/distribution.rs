@@ -43,7 +43,7 @@ impl FeatureStats {
 /// |μ₁ − μ₂|² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½.
 ///
 /// The matrix square roots come from symmetric eigen-decompositions in F64 (see
-/// [`trace_sqrt_product`]), so unlike `scipy.linalg.sqrtm(Σ₁ Σ₂)` of the usual FID code no
+/// `trace_sqrt_product`), so unlike `scipy.linalg.sqrtm(Σ₁ Σ₂)` of the usual FID code no
 /// complex parts or non-symmetric iterations arise.
 pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> Result<f64> {
     ensure!(

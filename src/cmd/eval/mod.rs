@@ -1,8 +1,8 @@
 //! `cxrgen eval`: a trained model judged by the metrics of [`crate::eval`].
 //!
-//! - [`vae`], [`generation`]: `cxrgen eval vae` and `cxrgen eval generation`.
-//! - [`paired`]: the paired metrics both compute (SSIM, PSNR, MSE, LPIPS), accumulated image by
-//!   image; [`report`]: the held-out images, progress, and the outputs (eval.json, eval.md, the
+//! - `vae.rs`, [`generation`]: `cxrgen eval vae` and `cxrgen eval generation`.
+//! - `paired.rs`: the paired metrics both compute (SSIM, PSNR, MSE, LPIPS), accumulated image by
+//!   image; `report.rs`: the held-out images, progress, and the outputs (eval.json, eval.md, the
 //!   figure), written all at once or not at all.
 //!
 //! docs/evaluation.md gives each metric's recipe and the reference it is checked against.
