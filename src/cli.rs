@@ -2,8 +2,7 @@
 //! [`crate::cmd`].
 //!
 //! Exit codes: 0 success; 1 error (the message says what and where); 2 bad arguments (from clap);
-//! 3 the subcommand is not implemented yet; 130 stopped by Ctrl-C (training saves a checkpoint
-//! first).
+//! 130 stopped by Ctrl-C (training saves a checkpoint first).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -15,11 +14,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::cmd;
 use crate::config::Precision;
 use crate::data::prepare::Source;
+use crate::data::split::Split;
 use crate::device::DeviceChoice;
 use crate::diffusion::{SamplerKind, SamplerOptions};
 use crate::train::RunRequest;
-
-pub const EXIT_NOT_IMPLEMENTED: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -46,8 +44,8 @@ enum Command {
     TrainDiffusion(TrainDiffusionArgs),
     /// Generate synthetic radiographs from a text prompt.
     Generate(GenerateArgs),
-    /// Evaluate generated images against the test split (not yet filed).
-    Eval(PendingArgs),
+    /// Evaluate a trained model on held-out images (docs/evaluation.md).
+    Eval(EvalArgs),
     /// Print the resolved config and the parameter count of each network.
     Info(InfoArgs),
     /// Time sampling (ms per step and per image) and, with --train or --train-vae, training steps.
@@ -256,19 +254,10 @@ struct GenerateArgs {
     n: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Sampling steps.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
-    sampler: SamplerArg,
-    /// DDIM's η: 0 is deterministic.
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
-    /// Classifier-free guidance scale; 1 is no guidance.
-    #[arg(long, default_value_t = 3.0)]
-    guidance_scale: f64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Images sampled together (no effect on the images themselves). Default: on CUDA as many as
-    /// the free device memory holds (at most --n), on the CPU 4.
+    /// the free device memory holds (at most --n and 64), on the CPU 4.
     #[arg(long)]
     batch_size: Option<usize>,
     /// The folder to write the images to.
@@ -332,10 +321,123 @@ enum SamplerArg {
     Ddpm,
 }
 
+impl From<SamplerArg> for SamplerKind {
+    fn from(s: SamplerArg) -> Self {
+        match s {
+            SamplerArg::Ddim => Self::Ddim,
+            SamplerArg::DpmPp2m => Self::DpmPp2m,
+            SamplerArg::Ddpm => Self::Ddpm,
+        }
+    }
+}
+
+/// How `generate` and `eval generation` sample.
 #[derive(Args)]
-struct PendingArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
+struct SamplingArgs {
+    /// Sampling steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, value_enum, default_value_t = SamplerArg::Ddim)]
+    sampler: SamplerArg,
+    /// DDIM's η: 0 is deterministic.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// Classifier-free guidance scale; 1 is no guidance.
+    #[arg(long, default_value_t = 3.0)]
+    guidance_scale: f64,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> SamplerOptions {
+        SamplerOptions {
+            kind: self.sampler.into(),
+            steps: self.steps,
+            eta: self.eta,
+        }
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(subcommand)]
+    task: EvalTask,
+}
+
+#[derive(Subcommand)]
+enum EvalTask {
+    /// A train-vae run's reconstructions of held-out images: SSIM, PSNR, MSE, LPIPS.
+    Vae(EvalCommonArgs),
+    /// Images a train-diffusion run generates from held-out reports: FID and KID with the
+    /// real-vs-real floor, SSIM/PSNR/MSE/LPIPS against each report's image, MS-SSIM diversity.
+    Generation(EvalGenerationArgs),
+}
+
+#[derive(Args)]
+struct EvalCommonArgs {
+    /// A run folder (its best checkpoint, else its last) or checkpoint folder: train-vae for
+    /// `eval vae`, train-diffusion for `eval generation`.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// The prepared cache (`cxrgen prepare`) holding the held-out images.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// The split whose images are evaluated.
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    split: SplitArg,
+    /// Where the outputs go (default: eval-<task>-<split> in the --checkpoint folder).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Only these metrics, comma-separated (ssim, psnr, mse, lpips; for generation also fid,
+    /// kid, ms-ssim); a named metric that cannot be computed is an error instead of being left
+    /// out.
+    #[arg(long, value_delimiter = ',')]
+    metrics: Option<Vec<cmd::eval::Metric>>,
+    /// The folder of the metric networks' weights (default: $CXRGEN_EVAL_WEIGHTS, else
+    /// ~/.cache/cxrgen/eval; scripts/fetch-eval-weights.sh fills it).
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Images per forward pass of the metric networks.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct EvalGenerationArgs {
+    #[command(flatten)]
+    common: EvalCommonArgs,
+    /// Reports of the split to generate from (default: all).
+    #[arg(long)]
+    n: Option<usize>,
+    /// Images per report (MS-SSIM diversity needs 2 or more); image j of report i uses
+    /// seed + i · per-prompt + j.
+    #[arg(long, default_value_t = 2)]
+    per_prompt: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// What the networks compute in (default: f16 on CUDA, f32 on the CPU).
+    #[arg(long, value_enum)]
+    precision: Option<PrecisionArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SplitArg {
+    Train,
+    Val,
+    Test,
+}
+
+impl From<SplitArg> for Split {
+    fn from(s: SplitArg) -> Self {
+        match s {
+            SplitArg::Train => Self::Train,
+            SplitArg::Val => Self::Val,
+            SplitArg::Test => Self::Test,
+        }
+    }
 }
 
 pub fn run() -> Result<ExitCode> {
@@ -378,7 +480,21 @@ pub fn run() -> Result<ExitCode> {
             cmd::train::diffusion(&a.common.request(progress)?, a.vae.as_deref())
         }
         Command::Generate(a) => cmd::generate::run(&a.request(progress)),
-        Command::Eval(_) => not_implemented("eval", "a later issue"),
+        Command::Eval(EvalArgs { task }) => cmd::eval::run(&match task {
+            EvalTask::Vae(a) => a.request(cmd::eval::Task::Vae, progress),
+            EvalTask::Generation(a) => {
+                let opts = cmd::eval::generation::Options {
+                    n: a.n,
+                    per_prompt: a.per_prompt,
+                    seed: a.seed,
+                    sampler: a.sampling.options(),
+                    guidance: a.sampling.guidance_scale,
+                    precision: a.precision.map(Into::into),
+                };
+                a.common
+                    .request(cmd::eval::Task::Generation(opts), progress)
+            }
+        }),
         Command::CheckDevice(a) => cmd::check_device::run(&cmd::check_device::Request {
             config: a.config.config,
             device: a.device.device,
@@ -413,16 +529,8 @@ impl GenerateArgs {
             unconditional: self.unconditional,
             n: self.n,
             seed: self.seed,
-            sampler: SamplerOptions {
-                kind: match self.sampler {
-                    SamplerArg::Ddim => SamplerKind::Ddim,
-                    SamplerArg::DpmPp2m => SamplerKind::DpmPp2m,
-                    SamplerArg::Ddpm => SamplerKind::Ddpm,
-                },
-                steps: self.steps,
-                eta: self.eta,
-            },
-            guidance: self.guidance_scale,
+            sampler: self.sampling.options(),
+            guidance: self.sampling.guidance_scale,
             batch_size: self.batch_size,
             out: self.out,
             bits: self.bits,
@@ -441,6 +549,23 @@ impl GenerateArgs {
     }
 }
 
+impl EvalCommonArgs {
+    fn request(self, task: cmd::eval::Task, progress: bool) -> cmd::eval::Request {
+        cmd::eval::Request {
+            task,
+            checkpoint: self.checkpoint,
+            data: self.data,
+            split: self.split.into(),
+            out: self.out,
+            metrics: self.metrics,
+            weights: self.weights,
+            batch_size: self.batch_size,
+            device: self.device.device,
+            progress,
+        }
+    }
+}
+
 impl TrainArgs {
     fn request(&self, progress: bool) -> Result<RunRequest> {
         Ok(RunRequest {
@@ -454,9 +579,4 @@ impl TrainArgs {
             progress,
         })
     }
-}
-
-fn not_implemented(name: &str, issue: &str) -> Result<ExitCode> {
-    eprintln!("cxrgen {name} is not implemented yet (tracked in {issue}); nothing was done.");
-    Ok(ExitCode::from(EXIT_NOT_IMPLEMENTED))
 }

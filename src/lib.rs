@@ -8,7 +8,8 @@
 //! 1. [`device`] (`--device`, compute precision, peak and free memory), [`cuda_graph`] (a
 //!    fixed-shape step recorded once as a CUDA graph and replayed)
 //! 2. [`data`] (loaders, cleaning, splits, the cache, phantoms), [`model`] (VAE, U-Net, text
-//!    encoder, and the weights helpers training needs)
+//!    encoder, and the weights helpers training needs), [`eval`] (metrics and the networks they
+//!    need)
 //! 3. [`checkpoint`] (the run-folder format), [`diffusion`] (schedules, samplers, guidance, the
 //!    latent diffusion inferer)
 //! 4. [`train`] (the run folder, the two stages, the `Trainer`)
@@ -23,6 +24,7 @@ pub mod cuda_graph;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod eval;
 pub mod interrupt;
 pub mod io;
 pub mod model;

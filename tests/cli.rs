@@ -186,15 +186,6 @@ fn grid_refuses_tiles_and_rows_of_nothing() {
 }
 
 #[test]
-fn unfinished_subcommand_says_so_and_exits_3() {
-    let out = cxrgen(&["eval", "--config", "tiny"]);
-    assert_eq!(out.status.code(), Some(3));
-    assert!(out.stdout.is_empty(), "no fake output");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not implemented yet"), "{err}");
-}
-
-#[test]
 fn training_input_errors_name_what_is_wrong() {
     let out = cxrgen(&[
         "train-vae",

@@ -19,51 +19,7 @@ fn model() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
         let root = common::shared_scratch("generate-model");
-        let p = |s: &str| root.join(s).display().to_string();
-        ok(cxrgen(&[
-            "phantom",
-            "--n",
-            "48",
-            "--size",
-            "64",
-            "--seed",
-            "5",
-            "--out",
-            &p("ph"),
-        ]));
-        ok(cxrgen(&[
-            "prepare",
-            "--config",
-            "tiny",
-            "--iu",
-            &p("ph"),
-            "--out",
-            &p("cache"),
-        ]));
-        ok(cxrgen(&[
-            "train-vae",
-            "--config",
-            "tiny",
-            "--data",
-            &p("cache"),
-            "--out",
-            &p("vae"),
-            "--max-steps",
-            "4",
-        ]));
-        ok(cxrgen(&[
-            "train-diffusion",
-            "--config",
-            "tiny",
-            "--data",
-            &p("cache"),
-            "--vae",
-            &p("vae"),
-            "--out",
-            &p("ldm"),
-            "--max-steps",
-            "4",
-        ]));
+        common::tiny_models(&root, 5, 4, 4);
         root.join("ldm")
     })
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: [&[&str]; 7] = [
     &["config", "io", "rng", "interrupt"],
     &["device", "cuda_graph"],
-    &["data", "model"],
+    &["data", "model", "eval"],
     &["checkpoint", "diffusion"],
     &["train"],
     &["cmd"],

@@ -31,7 +31,14 @@ impl TrainedVae {
                 ckpt.dir.display()
             );
         }
-        Self::from_file(&ckpt, MODEL, ckpt.dir.clone(), cfg, device)
+        Self::trained_in(&ckpt, device)
+    }
+
+    /// The VAE that the `train-vae` checkpoint `ckpt` holds (see [`Checkpoint::of_stage`]),
+    /// built with the checkpoint's own `vae:` config section.
+    pub fn trained_in(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        let cfg = &ckpt.state.config.vae;
+        Self::from_file(ckpt, MODEL, ckpt.dir.clone(), cfg, device)
     }
 
     /// The VAE a diffusion checkpoint carries (vae.safetensors, with its latent statistics in

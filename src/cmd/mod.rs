@@ -3,16 +3,22 @@
 //!
 //! `prepare` prepare.rs · `phantom` phantom.rs · `grid` grid.rs · `train-vae`, `train-diffusion`
 //! train.rs · `generate` generate/ (the command, the pipeline it samples with, prompts files) ·
+//! `eval vae`, `eval generation` eval/ (the two tasks, their paired metrics, their outputs) ·
 //! `info` info.rs · `bench` bench.rs · `check-device` check_device.rs.
 
 pub mod bench;
 pub mod check_device;
+pub mod eval;
 pub mod generate;
 pub mod grid;
 pub mod info;
 pub mod phantom;
 pub mod prepare;
 pub mod train;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
 
 use crate::config::{Config, RandomBertConfig, TextEncoderSource};
 
@@ -30,4 +36,15 @@ pub fn use_random_text_encoder(cfg: &mut Config) {
         });
         cfg.text.hidden_size = Some(hidden);
     }
+}
+
+/// Creates the output folder `out` and checks that it can be written, before any work is done.
+pub fn prepare_out(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    let probe = out.join(format!(".cxrgen-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("--out {}: the folder cannot be written", out.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
 }

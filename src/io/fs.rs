@@ -34,20 +34,41 @@ pub fn temp_beside(path: &Path) -> PathBuf {
 /// Replaces `path` with `bytes` atomically: a temporary file beside it, synced, renamed over it,
 /// and the folder synced. On failure the temporary file is removed and `path` is untouched.
 pub fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_beside(path);
-    let result = write_synced(&tmp, bytes).and_then(|_| {
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
-    });
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    sync_dir(parent_of(path))
+    replace_all(&[(path, bytes)])
 }
 
-/// Encodes `image` in the format the extension of `path` names (`.png`, ...) and replaces `path`
-/// with it atomically.
-pub fn replace_image(path: &Path, image: impl Into<image::DynamicImage>) -> Result<()> {
+/// Replaces each `(path, bytes)` of `files` as [`replace`] does, all of them or none: every file
+/// is written to its temporary name before the first is renamed into place, so a failed write
+/// (a full disk) leaves every path untouched and no temporary file behind.
+pub fn replace_all(files: &[(&Path, &[u8])]) -> Result<()> {
+    let temps: Vec<PathBuf> = files.iter().map(|(path, _)| temp_beside(path)).collect();
+    let remove = |temps: &[PathBuf]| {
+        for tmp in temps {
+            let _ = std::fs::remove_file(tmp);
+        }
+    };
+    let written = files
+        .iter()
+        .zip(&temps)
+        .try_for_each(|((_, bytes), tmp)| write_synced(tmp, bytes));
+    if let Err(e) = written {
+        remove(&temps);
+        return Err(e);
+    }
+    for (i, ((path, _), tmp)) in files.iter().zip(&temps).enumerate() {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            remove(&temps[i..]);
+            return Err(e).with_context(|| format!("cannot replace {}", path.display()));
+        }
+    }
+    let mut folders: Vec<&Path> = files.iter().map(|(path, _)| parent_of(path)).collect();
+    folders.sort();
+    folders.dedup();
+    folders.into_iter().try_for_each(sync_dir)
+}
+
+/// `image` encoded in the format the extension of `path` names (`.png`, ...).
+pub fn image_bytes(path: &Path, image: impl Into<image::DynamicImage>) -> Result<Vec<u8>> {
     let format = image::ImageFormat::from_path(path)
         .with_context(|| format!("{}: not an image file name", path.display()))?;
     let mut bytes = std::io::Cursor::new(Vec::new());
@@ -55,7 +76,13 @@ pub fn replace_image(path: &Path, image: impl Into<image::DynamicImage>) -> Resu
         .into()
         .write_to(&mut bytes, format)
         .with_context(|| format!("cannot encode {}", path.display()))?;
-    replace(path, bytes.get_ref())
+    Ok(bytes.into_inner())
+}
+
+/// Encodes `image` in the format the extension of `path` names and replaces `path` with it
+/// atomically.
+pub fn replace_image(path: &Path, image: impl Into<image::DynamicImage>) -> Result<()> {
+    replace(path, &image_bytes(path, image)?)
 }
 
 /// The folder `path` is in ("." for a bare file name).
@@ -81,6 +108,30 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["a.json"]);
+    }
+
+    #[test]
+    fn replace_all_writes_every_file_or_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a.json"), tmp.path().join("b.md"));
+        replace(&a, b"old").unwrap();
+        replace_all(&[(&a, b"new"), (&b, b"# b")]).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"new");
+        assert_eq!(std::fs::read(&b).unwrap(), b"# b");
+        // A file that cannot be written (its folder is missing): the other is not replaced.
+        let missing = tmp.path().join("no-such-folder/c.png");
+        let err = format!(
+            "{:#}",
+            replace_all(&[(&a, b"newer"), (&missing, b"c")]).unwrap_err()
+        );
+        assert!(err.contains("no-such-folder"), "{err}");
+        assert_eq!(std::fs::read(&a).unwrap(), b"new");
+        let mut names: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.json", "b.md"]);
     }
 
     #[test]

@@ -78,3 +78,54 @@ pub fn shared_scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// In `root`: 48 phantoms of 64×64 (`ph`, drawn from `seed`) prepared with the tiny config
+/// (`cache`), a train-vae run of `vae_steps` optimizer steps on them (`vae`) and a
+/// train-diffusion run of `ldm_steps` on that VAE (`ldm`).
+pub fn tiny_models(root: &std::path::Path, seed: u64, vae_steps: u64, ldm_steps: u64) {
+    let p = |s: &str| root.join(s).display().to_string();
+    ok(cxrgen(&[
+        "phantom",
+        "--n",
+        "48",
+        "--size",
+        "64",
+        "--seed",
+        &seed.to_string(),
+        "--out",
+        &p("ph"),
+    ]));
+    ok(cxrgen(&[
+        "prepare",
+        "--config",
+        "tiny",
+        "--iu",
+        &p("ph"),
+        "--out",
+        &p("cache"),
+    ]));
+    ok(cxrgen(&[
+        "train-vae",
+        "--config",
+        "tiny",
+        "--data",
+        &p("cache"),
+        "--out",
+        &p("vae"),
+        "--max-steps",
+        &vae_steps.to_string(),
+    ]));
+    ok(cxrgen(&[
+        "train-diffusion",
+        "--config",
+        "tiny",
+        "--data",
+        &p("cache"),
+        "--vae",
+        &p("vae"),
+        "--out",
+        &p("ldm"),
+        "--max-steps",
+        &ldm_steps.to_string(),
+    ]));
+}

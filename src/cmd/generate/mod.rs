@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 
 use crate::config::Precision;
@@ -78,6 +78,21 @@ pub struct Request {
     pub cuda_graph: bool,
 }
 
+/// The sampling flags that `generate` and `eval generation` share: --steps, --eta,
+/// --guidance-scale.
+pub fn check_sampling(sampler: &SamplerOptions, guidance: f64) -> Result<()> {
+    if sampler.steps == 0 {
+        bail!("--steps 0: must be at least 1");
+    }
+    if !(guidance.is_finite() && guidance >= 0.0) {
+        bail!("--guidance-scale {guidance}: must be a finite number ≥ 0");
+    }
+    if !(sampler.eta.is_finite() && sampler.eta >= 0.0) {
+        bail!("--eta {}: must be a finite number ≥ 0", sampler.eta);
+    }
+    Ok(())
+}
+
 fn validate(req: &Request) -> Result<()> {
     if let Prompts::One(p) = &req.prompts {
         if p.trim().is_empty() && !req.unconditional {
@@ -95,18 +110,7 @@ fn validate(req: &Request) -> Result<()> {
     if req.batch_size == Some(0) {
         bail!("--batch-size 0: must be at least 1");
     }
-    if req.sampler.steps == 0 {
-        bail!("--steps 0: must be at least 1");
-    }
-    if !(req.guidance.is_finite() && req.guidance >= 0.0) {
-        bail!(
-            "--guidance-scale {}: must be a finite number ≥ 0",
-            req.guidance
-        );
-    }
-    if !(req.sampler.eta.is_finite() && req.sampler.eta >= 0.0) {
-        bail!("--eta {}: must be a finite number ≥ 0", req.sampler.eta);
-    }
+    check_sampling(&req.sampler, req.guidance)?;
     if req.seed.checked_add(req.n as u64 - 1).is_none() {
         bail!(
             "--seed {} + --n {} overflows: image i uses seed + i, and the largest seed is {}",
@@ -115,19 +119,6 @@ fn validate(req: &Request) -> Result<()> {
             u64::MAX
         );
     }
-    Ok(())
-}
-
-/// Creates the output folder and checks that it can be written, before any work is done.
-fn prepare_out(req: &Request) -> Result<()> {
-    std::fs::create_dir_all(&req.out)
-        .with_context(|| format!("--out {}: cannot create the folder", req.out.display()))?;
-    let probe = req
-        .out
-        .join(format!(".cxrgen-write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("--out {}: the folder cannot be written", req.out.display()))?;
-    std::fs::remove_file(&probe).ok();
     Ok(())
 }
 
@@ -157,6 +148,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         networks,
         diffusion,
         weights_sha256,
+        ..
     } = Pipeline::load(&req.checkpoint, req.ema, &device, precision)?;
     let diffusion = if req.clip {
         diffusion
@@ -190,7 +182,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             );
         }
     }
-    prepare_out(req)?;
+    super::prepare_out(&req.out)?;
 
     // Every image and its file; with a prompts file, those already written are kept.
     let ext = req.format.extension();

@@ -1,6 +1,6 @@
 //! A trained latent diffusion model read from a `train-diffusion` checkpoint, ready to sample.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -19,6 +19,8 @@ pub struct Pipeline {
     pub diffusion: LatentDiffusion,
     /// SHA-256 of the weights file sampled from (for the images' metadata).
     pub weights_sha256: String,
+    /// The checkpoint folder it was read from.
+    pub source: PathBuf,
 }
 
 impl Pipeline {
@@ -58,6 +60,7 @@ impl Pipeline {
             networks,
             diffusion,
             weights_sha256,
+            source: ckpt.dir,
         })
     }
 }
