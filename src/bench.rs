@@ -22,7 +22,7 @@ use crate::config::{
     Config, OptimizerConfig, Precision, RandomBertConfig, RunConfig, TextEncoderSource,
 };
 use crate::device::DeviceChoice;
-use crate::diffusion::pipeline::Parts;
+use crate::diffusion::pipeline::{Conditioning, Parts};
 use crate::diffusion::{NoiseSchedule, SamplerKind, SamplerOptions};
 use crate::model::checkpointing::GradCheckpoint;
 use crate::model::{diffusion_networks, seeded_var_builder, TextEncoder, Vae};
@@ -148,18 +148,19 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     )?;
     writeln!(
         out,
-        "{:>6} {:>10} {:>14} {:>12} {:>10} {:>12}",
+        "{:>6} {:>10} {:>14} {:>12} {:>10} {:>12} {:>10}",
         "batch",
         "ms/step",
         "decode ms/img",
         format!("ms/img@{}", req.steps),
         "img/s",
-        "peak MiB"
+        "peak MiB",
+        "ops/step"
     )?;
     for r in &sampling {
         writeln!(
             out,
-            "{:>6} {:>10.1} {:>14.1} {:>12.1} {:>10.2} {:>12}",
+            "{:>6} {:>10.1} {:>14.1} {:>12.1} {:>10.2} {:>12} {:>10}",
             r["batch"].as_u64().unwrap_or(0),
             r["ms_per_step"].as_f64().unwrap_or(f64::NAN),
             r["decode_ms_per_image"].as_f64().unwrap_or(f64::NAN),
@@ -168,16 +169,18 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             r["peak_mib"]
                 .as_f64()
                 .map_or("n/a".into(), |m| format!("{m:.0}")),
+            ops_text(&r["ops_per_step"]),
         )?;
     }
     for t in training.iter().chain(&training_vae) {
         writeln!(
             out,
-            "training ({}): batch {} × accumulation {}, checkpointing {}, {}: {:.1} ms per micro-batch, {:.1} ms per optimizer step, peak {} MiB",
+            "training ({}): batch {} × accumulation {}, checkpointing {}, {}: {:.1} ms per micro-batch, {:.1} ms per optimizer step, peak {} MiB, {} tensor ops per micro-batch",
             t["stage"].as_str().unwrap_or("?"), t["batch"], t["accumulation"], t["checkpointing"], t["precision"].as_str().unwrap_or("?"),
             t["ms_per_micro_batch"].as_f64().unwrap_or(f64::NAN),
             t["ms_per_optimizer_step"].as_f64().unwrap_or(f64::NAN),
             t["peak_mib"].as_f64().map_or("n/a".into(), |m| format!("{m:.0}")),
+            ops_text(&t["ops_per_micro_batch"]),
         )?;
     }
     if let Some(rows) = kernels {
@@ -199,6 +202,11 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An op count for the table: "n/a" when it was not counted.
+fn ops_text(ops: &serde_json::Value) -> String {
+    ops.as_u64().map_or("n/a".into(), |n| n.to_string())
 }
 
 /// 3×3 convolutions of the U-Net's and the VAE's sizes, forward and backward, through candle's
@@ -292,6 +300,7 @@ fn sampling_rows(
         let seeds: Vec<u64> = (0..b as u64).collect();
         // Warm-up: kernels compiled, memory pools filled.
         parts.sample(&cond, &seeds, &opts(1), 3.0, &mut |_| {})?;
+        let ops = step_ops(&parts, &cond, &seeds)?;
         crate::device::reset_peak(device);
         let (latents, denoise) = time(device, || {
             parts.denoise(&cond, &seeds, &opts(req.repeats), 3.0, &mut |_| {})
@@ -304,9 +313,43 @@ fn sampling_rows(
             "batch": b, "ms_per_step": step, "decode_ms_per_image": decode,
             "ms_per_image": per_image, "images_per_s": 1e3 / per_image,
             "peak_mib": crate::device::peak_memory_mib(device),
+            "ops_per_step": ops,
         }));
     }
     Ok(rows)
+}
+
+/// Tensor operations (≈ kernel launches on CUDA, see [`crate::opcount`]) of one guided DDIM
+/// step for `seeds`, counting the sampler's setup (the initial noise: one op per image); None
+/// when the counting allocator is not installed.
+fn step_ops(parts: &Parts, cond: &Conditioning, seeds: &[u64]) -> Result<Option<usize>> {
+    let opts = SamplerOptions {
+        kind: SamplerKind::Ddim,
+        steps: 1,
+        eta: 0.0,
+    };
+    let (_, ops) = crate::opcount::count(|| parts.denoise(cond, seeds, &opts, 3.0, &mut |_| {}))?;
+    Ok(ops)
+}
+
+/// Tensor operations of one micro-batch's loss and backward pass (see [`step_ops`]).
+fn micro_batch_ops(
+    objective: &dyn Objective,
+    batch: &[usize],
+    rng: &mut Rng,
+    loss_scale: f64,
+) -> Result<Option<usize>> {
+    let (_, ops) = crate::opcount::count(|| -> Result<()> {
+        let loss = objective.loss(batch, rng)?.total;
+        let loss = if loss_scale == 1.0 {
+            loss
+        } else {
+            (loss * loss_scale)?
+        };
+        drop(objective.backward(&loss)?);
+        Ok(())
+    })?;
+    Ok(ops)
 }
 
 /// train-diffusion's loss on random latents and timesteps: the trainer's path without a dataset.
@@ -470,6 +513,7 @@ fn time_training(
         Ok(())
     };
     step(&mut optimizer)?;
+    let ops = micro_batch_ops(objective, &batches[0], &mut Rng::new(8), loss_scale)?;
     crate::device::reset_peak(device);
     let (_, ms) = time(device, || {
         for _ in 0..req.repeats {
@@ -486,5 +530,6 @@ fn time_training(
         "ms_per_optimizer_step": per_step,
         "ms_per_micro_batch": per_step / run.grad_accumulation as f64,
         "peak_mib": crate::device::peak_memory_mib(device),
+        "ops_per_micro_batch": ops,
     }))
 }

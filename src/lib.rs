@@ -14,5 +14,6 @@ pub mod generate;
 pub mod interrupt;
 pub mod io;
 pub mod model;
+pub mod opcount;
 pub mod rng;
 pub mod train;
