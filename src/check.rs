@@ -1,6 +1,7 @@
 //! `cxrgen check-device`: does a device compute what the CPU computes? The same weights and
 //! inputs through the VAE, the U-Net, one training step's gradients and a 10-step guided DDIM
-//! sample, on the CPU and on `--device`, in F32; each difference against a tolerance.
+//! sample, on the CPU and on `--device`, in F32; then each fused kernel forward and backward in
+//! F32 and F16; each difference against a tolerance.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -142,6 +143,21 @@ fn compute(
     })
 }
 
+/// The fused kernels (`crate::model::kernels`) on the device against the CPU, each op forward and
+/// backward in F32 and F16, as rows of the table.
+fn kernel_rows(device: &Device) -> Result<Vec<serde_json::Value>> {
+    crate::model::kernels::device_check::comparisons(device)?
+        .into_iter()
+        .map(|c| {
+            let (max, rel) = difference(&c.reference, &c.tested)?;
+            Ok(json!({
+                "check": c.name, "max_abs": max, "relative": rel, "tolerance": c.tolerance,
+                "ok": rel <= c.tolerance,
+            }))
+        })
+        .collect()
+}
+
 pub fn run(req: &Request) -> Result<ExitCode> {
     let mut cfg = Config::load(&req.config)?;
     crate::bench::use_random_text_encoder(&mut cfg);
@@ -200,6 +216,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             "check": name, "max_abs": max, "relative": rel, "tolerance": tol, "ok": rel <= tol,
         }));
     }
+    results.extend(kernel_rows(&device)?);
     let all_ok = results.iter().all(|r| r["ok"] == true);
     let name = crate::device::name(&device);
     let mut out = std::io::stdout().lock();
@@ -210,7 +227,11 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             json!({"config": req.config, "device": name, "checks": results, "ok": all_ok})
         )?;
     } else {
-        writeln!(out, "# {name} against the CPU, config {}, F32", req.config)?;
+        writeln!(
+            out,
+            "# {name} against the CPU, config {}, F32 (fused kernels: F32 and F16)",
+            req.config
+        )?;
         writeln!(
             out,
             "{:<22} {:>12} {:>12} {:>10}  ok",

@@ -2,12 +2,12 @@
 //! correctly: gradients that candle's fused kernels would cut are kept, and under mixed precision
 //! normalisation statistics and parameter-gradient sums stay in F32 ([`super::affine`]).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
-use super::affine::{add_bias, scale_shift};
+use super::affine::add_bias;
 use super::conv::conv2d as conv2d_op;
-use super::standardize::standardize;
+use super::kernels::norm;
 
 /// A 2-D convolution; the weight and the bias are cast to the input's dtype.
 #[derive(Debug, Clone)]
@@ -113,25 +113,22 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     })
 }
 
-impl Module for GroupNorm {
-    /// [B, C, ...] → [B, C, ...] in the input's dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims();
-        let (b, c) = (dims[0], dims[1]);
-        if c != self.weight.dim(0)? || c % self.groups != 0 {
-            candle_core::bail!(
-                "GroupNorm of {} channels in {} groups got input {dims:?}",
-                self.weight.dim(0)?,
-                self.groups
-            );
-        }
-        let normed = standardize(xs, b * self.groups, self.eps)?;
-        scale_shift(&normed, &self.weight, &self.bias, 1)
+impl GroupNorm {
+    /// [B, C, ...] → [B, C, ...] in the input's dtype: the norm followed by SiLU, in one kernel.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, true)
     }
 }
 
-/// LayerNorm written with differentiable primitives, its statistics in F32 whatever the input's
-/// precision.
+impl Module for GroupNorm {
+    /// [B, C, ...] → [B, C, ...] in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, false)
+    }
+}
+
+/// LayerNorm, one fused kernel with a backward pass ([`norm`]), its statistics in F32 whatever
+/// the input's precision.
 ///
 /// `candle_nn::LayerNorm` dispatches to a fused kernel without a backward pass on contiguous input
 /// (see CANDLE-NOTES.md), so a trainable LayerNorm must not use it.
@@ -155,9 +152,7 @@ impl LayerNorm {
 impl Module for LayerNorm {
     /// `xs`: [..., dim] → [..., dim], normalised over the last dimension.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dim = xs.dim(D::Minus1)?;
-        let normed = standardize(xs, xs.elem_count() / dim, self.eps)?;
-        scale_shift(&normed, &self.weight, &self.bias, xs.rank() - 1)
+        norm::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
