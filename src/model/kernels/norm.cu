@@ -1,5 +1,5 @@
-// GroupNorm and LayerNorm forward in one kernel each, and the per-row statistics their backward
-// pass recomputes (src/model/kernels/norm.rs describes the layout and the CPU twin).
+// GroupNorm and LayerNorm forward in one kernel each, and their backward pass in two
+// (src/model/kernels/norm.rs describes the layout and has the CPU twin).
 //
 // x is viewed as [rows, n] with n = channels_per_group * inner: row r holds channels
 // (r % groups) * channels_per_group + j / inner for its elements j. GroupNorm: rows = B·G,
@@ -43,17 +43,97 @@ __device__ __forceinline__ void norm_fwd(const T *x, const T *w, const T *b, T *
     }
 }
 
-// stats[2r] = mean, stats[2r + 1] = 1 / sqrt(var + eps) of row r of x viewed as [rows, n].
+// x̂ and the gradient reaching the pre-activation z = x̂ · w + b of element j (through the SiLU
+// when `silu`: silu'(z) = s · (1 + z · (1 − s)), s = sigmoid(z)).
 template <typename T>
-__device__ __forceinline__ void norm_stats(const T *x, float *stats, unsigned int n, float eps) {
-    __shared__ float scratch[32];
-    const size_t row = blockIdx.x;
-    float mean, rstd;
-    row_stats(x + row * n, n, eps, scratch, mean, rstd);
-    if (threadIdx.x == 0) {
-        stats[2 * row] = mean;
-        stats[2 * row + 1] = rstd;
+__device__ __forceinline__ void grad_at(const T *x, const T *g, unsigned int j, float w, float b,
+                                        float mean, float rstd, unsigned int silu, float &x_hat,
+                                        float &g_z) {
+    x_hat = (to_f32(x[j]) - mean) * rstd;
+    g_z = to_f32(g[j]);
+    if (silu) {
+        const float z = x_hat * w + b;
+        const float s = 1.0f / (1.0f + expf(-z));
+        g_z *= s * (1.0f + z * (1.0f - s));
     }
+}
+
+// The backward pass of one row (block): dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂)) with
+// ĝ = g_z · w, and the row's share of the parameter gradients: partial[k] = (Σ g_z · x̂, Σ g_z)
+// over the elements of its channel k, as [rows, channels_per_group, 2] F32.
+template <typename T>
+__device__ __forceinline__ void norm_bwd(const T *x, const T *w, const T *b, const T *g, T *dx,
+                                         float *partial, unsigned int groups,
+                                         unsigned int channels_per_group, unsigned int inner,
+                                         float eps, unsigned int silu) {
+    __shared__ float scratch[32];
+    const unsigned int n = channels_per_group * inner;
+    const size_t row = blockIdx.x;
+    x += row * n;
+    g += row * n;
+    dx += row * n;
+    partial += row * channels_per_group * 2;
+    float mean, rstd;
+    row_stats(x, n, eps, scratch, mean, rstd);
+    const unsigned int c0 = (unsigned int)(row % groups) * channels_per_group;
+    float sum_gh = 0.0f, sum_gh_xh = 0.0f;
+    float x_hat, g_z;
+    if (inner == 1) {
+        // One element per channel (LayerNorm): its share is the element's own terms.
+        for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
+            const float wc = to_f32(w[c0 + j]);
+            grad_at(x, g, j, wc, to_f32(b[c0 + j]), mean, rstd, silu, x_hat, g_z);
+            sum_gh += g_z * wc;
+            sum_gh_xh += g_z * wc * x_hat;
+            partial[2 * j] = g_z * x_hat;
+            partial[2 * j + 1] = g_z;
+        }
+    } else {
+        // Channel by channel (GroupNorm): a block sum per channel.
+        for (unsigned int k = 0; k < channels_per_group; ++k) {
+            const float wc = to_f32(w[c0 + k]);
+            const float bc = to_f32(b[c0 + k]);
+            float s_w = 0.0f, s_b = 0.0f;
+            for (unsigned int s = threadIdx.x; s < inner; s += blockDim.x) {
+                grad_at(x, g, k * inner + s, wc, bc, mean, rstd, silu, x_hat, g_z);
+                s_w += g_z * x_hat;
+                s_b += g_z;
+            }
+            sum_gh += s_b * wc;
+            sum_gh_xh += s_w * wc;
+            s_w = block_sum(s_w, scratch);
+            s_b = block_sum(s_b, scratch);
+            if (threadIdx.x == 0) {
+                partial[2 * k] = s_w;
+                partial[2 * k + 1] = s_b;
+            }
+        }
+    }
+    const float mean_gh = block_sum(sum_gh, scratch) / (float)n;
+    const float mean_gh_xh = block_sum(sum_gh_xh, scratch) / (float)n;
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
+        const unsigned int c = c0 + j / inner;
+        const float wc = to_f32(w[c]);
+        grad_at(x, g, j, wc, to_f32(b[c]), mean, rstd, silu, x_hat, g_z);
+        dx[j] = from_f32<T>(rstd * (g_z * wc - mean_gh - x_hat * mean_gh_xh));
+    }
+}
+
+// The parameter gradients from the rows' shares: partial viewed as [batch, channels, 2] (row
+// b · groups + g holds channels g · channels_per_group ...), summed over the batch in F32:
+// out[i · channels + c] = Σ_b partial[b][c][i], i = 0 for the weight, 1 for the bias. One block
+// per output element.
+template <typename T>
+__device__ __forceinline__ void norm_param_grads(const float *partial, T *out, unsigned int batch,
+                                                 unsigned int channels) {
+    __shared__ float scratch[32];
+    const unsigned int which = blockIdx.x / channels;
+    const unsigned int c = blockIdx.x - which * channels;
+    float s = 0.0f;
+    for (unsigned int i = threadIdx.x; i < batch; i += blockDim.x)
+        s += partial[((size_t)i * channels + c) * 2 + which];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = from_f32<T>(s);
 }
 
 #define NORM_KERNELS(T, SUFFIX)                                                                   \
@@ -64,9 +144,16 @@ __device__ __forceinline__ void norm_stats(const T *x, float *stats, unsigned in
                                                  unsigned int silu) {                             \
         norm_fwd<T>(x, w, b, y, groups, channels_per_group, inner, eps, silu);                   \
     }                                                                                             \
-    extern "C" __global__ void norm_stats_##SUFFIX(const T *x, float *stats, unsigned int n,     \
-                                                   float eps) {                                   \
-        norm_stats<T>(x, stats, n, eps);                                                          \
+    extern "C" __global__ void norm_bwd_##SUFFIX(                                                 \
+        const T *x, const T *w, const T *b, const T *g, T *dx, float *partial,                   \
+        unsigned int groups, unsigned int channels_per_group, unsigned int inner, float eps,     \
+        unsigned int silu) {                                                                      \
+        norm_bwd<T>(x, w, b, g, dx, partial, groups, channels_per_group, inner, eps, silu);      \
+    }                                                                                             \
+    extern "C" __global__ void norm_param_grads_##SUFFIX(const float *partial, T *out,           \
+                                                         unsigned int batch,                      \
+                                                         unsigned int channels) {                 \
+        norm_param_grads<T>(partial, out, batch, channels);                                       \
     }
 
 NORM_KERNELS(float, f32)

@@ -4,10 +4,11 @@
 //! 13 launches on CUDA (casts, two reductions, subtract, square, square root, reciprocal,
 //! multiplies, adds) and as many passes over memory on the CPU.
 //!
-//! The backward pass keeps only the op's inputs: it recomputes each row's statistics (one
-//! kernel) and takes the rest in tensor ops, in F32 (dx = r · (g − mean(g) − x̂ · mean(g ⊙ x̂))
-//! per row, with x̂ the standardised x, r = 1/√(var + eps) and g the gradient reaching x̂; the
-//! parameter gradients summed over the batch in F32).
+//! The backward pass keeps only the op's inputs and recomputes each row's statistics: dx =
+//! r · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂)) per row, with x̂ the standardised x, r = 1/√(var + eps)
+//! and ĝ the gradient reaching x̂; the parameter gradients are summed in F32, per row and then
+//! over the batch. One op (on CUDA two kernels: the rows, then the parameter sums) where tensor
+//! ops took about thirty.
 //!
 //! Layout: x is viewed as [rows, n], n = channels_per_group · inner, and element j of row r
 //! belongs to channel (r mod groups) · channels_per_group + ⌊j / inner⌋. GroupNorm of
@@ -15,7 +16,7 @@
 //! dimension D: groups = 1, channels_per_group = D, inner = 1.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{cpu_slice, float_dispatch, same_dtype, Float};
@@ -102,6 +103,7 @@ fn apply(
     )
 }
 
+#[derive(Clone)]
 struct Norm {
     geometry: Geometry,
     eps: f32,
@@ -256,72 +258,149 @@ impl CustomOp3 for Norm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.geometry;
-        let (x, w, b, grad) = (x.detach(), w.detach(), b.detach(), grad.detach());
-        let (n, rows) = (g.n(), x.elem_count() / g.n());
-        let stats = x.apply_op1_no_bwd(&Stats { n, eps: self.eps })?;
-        let (mean, rstd) = (stats.narrow(1, 0, 1)?, stats.narrow(1, 1, 1)?);
-        // [batch, groups, channels per group, inner], parameters broadcast as [1, G, C/G, 1].
-        let dims = (rows / g.groups, g.groups, g.channels_per_group, g.inner);
-        let param = |p: &Tensor| {
-            p.to_dtype(DType::F32)?
-                .reshape((1, g.groups, g.channels_per_group, 1))
+        let x = x.detach();
+        let op = NormBackward {
+            forward: self.clone(),
+            weight: w.detach(),
+            bias: b.detach(),
         };
-        let w32 = param(&w)?;
-        let x_hat = x
-            .to_dtype(DType::F32)?
-            .reshape((rows, n))?
-            .broadcast_sub(&mean)?
-            .broadcast_mul(&rstd)?
-            .reshape(dims)?;
-        let mut g_z = grad.to_dtype(DType::F32)?.reshape(dims)?;
-        if self.silu {
-            // silu'(z) = s · (1 + z · (1 − s)), s = sigmoid(z), z the pre-activation.
-            let z = x_hat.broadcast_mul(&w32)?.broadcast_add(&param(&b)?)?;
-            let s = candle_nn::ops::sigmoid(&z)?;
-            g_z = (g_z * (&s * ((z * (1.0 - &s)?)? + 1.0)?)?)?;
-        }
-        // Parameter gradients: sums over the batch and the inner positions (the trailing
-        // dimension first, the fast reduction on the CPU), in F32.
-        let channel_sum = |t: &Tensor| t.sum(3)?.sum(0)?.flatten_all()?.to_dtype(w.dtype());
-        let grad_w = channel_sum(&(&g_z * &x_hat)?)?;
-        let grad_b = channel_sum(&g_z)?;
-        let g_hat = g_z.broadcast_mul(&w32)?.reshape((rows, n))?;
-        let x_hat = x_hat.reshape((rows, n))?;
-        let grad_x = g_hat
-            .broadcast_sub(&g_hat.mean_keepdim(1)?)?
-            .sub(&x_hat.broadcast_mul(&(&g_hat * &x_hat)?.mean_keepdim(1)?)?)?
-            .broadcast_mul(&rstd)?
-            .reshape(x.shape())?
-            .to_dtype(x.dtype())?;
-        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+        // dx, then the weight's and the bias's gradients, in one buffer.
+        let all = x.apply_op2_no_bwd(&grad.detach().contiguous()?, &op)?;
+        let (n, c) = (x.elem_count(), self.geometry.channels());
+        let params = all.narrow(0, n, 2 * c)?;
+        Ok((
+            Some(all.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(params.narrow(0, 0, c)?),
+            Some(params.narrow(0, c, c)?),
+        ))
     }
 }
 
-/// Each row's mean and 1/√(var + eps) of x viewed as [rows, n]: [rows, 2] in F32.
-struct Stats {
-    n: usize,
+/// The backward pass of [`Norm`]: (x, g) → [dx (x's elements) | dw (C) | db (C)] flat, in x's
+/// dtype, the parameters read from the captured (detached) weight and bias.
+struct NormBackward {
+    forward: Norm,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+/// x̂ and the gradient reaching the pre-activation z = x̂ · w + b (through the SiLU when `silu`:
+/// silu'(z) = s · (1 + z · (1 − s)), s = sigmoid(z)).
+#[inline(always)]
+fn grad_at(x: f32, g: f32, (w, b): (f32, f32), (mean, rstd): (f32, f32), silu: bool) -> (f32, f32) {
+    let x_hat = (x - mean) * rstd;
+    if !silu {
+        return (x_hat, g);
+    }
+    let z = x_hat * w + b;
+    let s = 1.0 / (1.0 + (-z).exp());
+    (x_hat, g * s * (1.0 + z * (1.0 - s)))
+}
+
+fn backward_cpu<T: Float>(
+    (x, g): (&[T], &[T]),
+    (w, b): (&[T], &[T]),
+    geometry: Geometry,
     eps: f32,
+    silu: bool,
+) -> Vec<T> {
+    let (n, cpg, inner) = (geometry.n(), geometry.channels_per_group, geometry.inner);
+    // Each row's share of the parameter gradients: [rows, channels per group, 2] = (Σ g_z · x̂,
+    // Σ g_z) over the elements of each of its channels.
+    let mut partial = vec![0f32; x.len() / n * cpg * 2];
+    let mut out = vec![T::zero(); x.len() + 2 * geometry.channels()];
+    let (dx, params) = out.split_at_mut(x.len());
+    dx.par_chunks_mut(n)
+        .zip(partial.par_chunks_mut(2 * cpg))
+        .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+        .enumerate()
+        .for_each(|(row, ((dx, partial), (x, g)))| {
+            let stats = row_stats(x, eps);
+            let c0 = (row % geometry.groups) * cpg;
+            let param = |k: usize| (w[c0 + k].to_f32(), b[c0 + k].to_f32());
+            let (mut sum_gh, mut sum_gh_xh) = (0f64, 0f64);
+            for (k, share) in partial.chunks_mut(2).enumerate() {
+                let (wc, bc) = param(k);
+                let (mut s_w, mut s_b) = (0f64, 0f64);
+                for j in k * inner..(k + 1) * inner {
+                    let (x_hat, g_z) = grad_at(x[j].to_f32(), g[j].to_f32(), (wc, bc), stats, silu);
+                    s_w += (g_z * x_hat) as f64;
+                    s_b += g_z as f64;
+                }
+                sum_gh += s_b * wc as f64;
+                sum_gh_xh += s_w * wc as f64;
+                share[0] = s_w as f32;
+                share[1] = s_b as f32;
+            }
+            let (mean_gh, mean_gh_xh) = ((sum_gh / n as f64) as f32, (sum_gh_xh / n as f64) as f32);
+            for (j, dx) in dx.iter_mut().enumerate() {
+                let (wc, bc) = param(j / inner);
+                let (x_hat, g_z) = grad_at(x[j].to_f32(), g[j].to_f32(), (wc, bc), stats, silu);
+                *dx = T::from_f32(stats.1 * (g_z * wc - mean_gh - x_hat * mean_gh_xh));
+            }
+        });
+    // Σ over the batch of the rows' shares, viewed as [batch, channels, 2].
+    let channels = geometry.channels();
+    let batch = partial.len() / (2 * channels);
+    params.par_iter_mut().enumerate().for_each(|(i, out)| {
+        let (which, c) = (i / channels, i % channels);
+        let sum: f64 = (0..batch)
+            .map(|bi| partial[(bi * channels + c) * 2 + which] as f64)
+            .sum();
+        *out = T::from_f32(sum as f32);
+    });
+    out
 }
 
-impl CustomOp1 for Stats {
+impl NormBackward {
+    /// `f` of the weight's and the bias's storages and layouts.
+    fn with_params<R>(
+        &self,
+        f: impl FnOnce((&candle_core::Storage, &Layout), (&candle_core::Storage, &Layout)) -> Result<R>,
+    ) -> Result<R> {
+        let (w, wl) = self.weight.storage_and_layout();
+        let (b, bl) = self.bias.storage_and_layout();
+        f((&w, wl), (&b, bl))
+    }
+}
+
+impl CustomOp2 for NormBackward {
     fn name(&self) -> &'static str {
-        "norm-stats"
+        "fused-norm-backward"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn run<T: Float>(op: &Stats, x: &CpuStorage, xl: &Layout) -> Result<Vec<f32>> {
-            let x = cpu_slice::<T>(x, xl, op.name())?;
-            Ok(x.par_chunks(op.n)
-                .flat_map_iter(|row| {
-                    let (mean, rstd) = row_stats(row, op.eps);
-                    [mean, rstd]
-                })
-                .collect())
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Float>(
+            op: &NormBackward,
+            (x, xl): (&CpuStorage, &Layout),
+            (g, gl): (&CpuStorage, &Layout),
+        ) -> Result<CpuStorage> {
+            let name = op.name();
+            let (x, g) = (cpu_slice::<T>(x, xl, name)?, cpu_slice::<T>(g, gl, name)?);
+            op.with_params(|(w, wl), (b, bl)| {
+                let (candle_core::Storage::Cpu(w), candle_core::Storage::Cpu(b)) = (w, b) else {
+                    candle_core::bail!("{name}: the parameters are on another device");
+                };
+                let params = (cpu_slice::<T>(w, wl, name)?, cpu_slice::<T>(b, bl, name)?);
+                let f = &op.forward;
+                let out = backward_cpu((x, g), params, f.geometry, f.eps, f.silu);
+                Ok(T::to_cpu_storage_owned(out))
+            })
         }
-        let stats = float_dispatch!(x.dtype(), self.name(), run(self, x, xl))?;
-        let rows = stats.len() / 2;
-        Ok((CpuStorage::F32(stats), Shape::from((rows, 2))))
+        same_dtype(
+            self.name(),
+            x.dtype(),
+            &[g.dtype(), self.weight.dtype(), self.bias.dtype()],
+        )?;
+        let out = float_dispatch!(x.dtype(), self.name(), run(self, (x, xl), (g, gl)))?;
+        let len = xl.shape().elem_count() + 2 * self.forward.geometry.channels();
+        Ok((out, Shape::from(len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -329,35 +408,80 @@ impl CustomOp1 for Stats {
         &self,
         x: &candle_core::CudaStorage,
         xl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{self, CudaFloat};
         fn run<T: CudaFloat>(
-            op: &Stats,
-            x: &candle_core::CudaStorage,
-            xl: &Layout,
+            op: &NormBackward,
+            (x, xl): (&candle_core::CudaStorage, &Layout),
+            (g, gl): (&candle_core::CudaStorage, &Layout),
         ) -> Result<candle_core::CudaStorage> {
+            let name = op.name();
             let dev = &x.device;
-            let xs = cuda::view::<T>(x, xl, op.name())?;
-            let rows = xl.shape().elem_count() / op.n;
-            let stats = cuda::output::<f32>(dev, 2 * rows)?;
-            let n = cuda::arg_u32(op.n, "elements per row")?;
-            let cfg = cuda::blocks(rows, cuda::row_threads(op.n))?;
+            let geometry = op.forward.geometry;
+            let (len, channels) = (xl.shape().elem_count(), geometry.channels());
+            let (rows, batch) = (len / geometry.n(), len / geometry.n() / geometry.groups);
+            let (xs, gs) = (cuda::view::<T>(x, xl, name)?, cuda::view::<T>(g, gl, name)?);
+            let out = cuda::output::<T>(dev, len + 2 * channels)?;
+            let (dx, params) = (out.slice(0..len), out.slice(len..));
+            let partial = cuda::output::<f32>(dev, rows * geometry.channels_per_group * 2)?;
+            let groups = cuda::arg_u32(geometry.groups, "groups")?;
+            let cpg = cuda::arg_u32(geometry.channels_per_group, "channels per group")?;
+            let inner = cuda::arg_u32(geometry.inner, "elements per channel")?;
+            cuda::arg_u32(geometry.n(), "elements per row")?;
+            let (batch_arg, channels_arg) = (
+                cuda::arg_u32(batch, "batch")?,
+                cuda::arg_u32(channels, "channels")?,
+            );
+            let silu = op.forward.silu as u32;
+            op.with_params(|(w, wl), (b, bl)| {
+                let (candle_core::Storage::Cuda(w), candle_core::Storage::Cuda(b)) = (w, b) else {
+                    candle_core::bail!("{name}: the parameters are on another device");
+                };
+                let (ws, bs) = (cuda::view::<T>(w, wl, name)?, cuda::view::<T>(b, bl, name)?);
+                let cfg = cuda::blocks(rows, cuda::row_threads(geometry.n()))?;
+                cuda::launch!(
+                    dev,
+                    &cuda::NORM,
+                    "norm_bwd",
+                    T::DTYPE,
+                    cfg,
+                    [
+                        &xs,
+                        &ws,
+                        &bs,
+                        &gs,
+                        &dx,
+                        &partial,
+                        &groups,
+                        &cpg,
+                        &inner,
+                        &op.forward.eps,
+                        &silu
+                    ]
+                );
+                Ok(())
+            })?;
+            let cfg = cuda::blocks(2 * channels, cuda::row_threads(batch))?;
             cuda::launch!(
                 dev,
                 &cuda::NORM,
-                "norm_stats",
+                "norm_param_grads",
                 T::DTYPE,
                 cfg,
-                [&xs, &stats, &n, &op.eps]
+                [&partial, &params, &batch_arg, &channels_arg]
             );
-            Ok(candle_core::CudaStorage::wrap_cuda_slice(
-                stats,
-                dev.clone(),
-            ))
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
-        let stats = float_dispatch!(x.dtype(), self.name(), run(self, x, xl))?;
-        let rows = xl.shape().elem_count() / self.n;
-        Ok((stats, Shape::from((rows, 2))))
+        same_dtype(
+            self.name(),
+            x.dtype(),
+            &[g.dtype(), self.weight.dtype(), self.bias.dtype()],
+        )?;
+        let out = float_dispatch!(x.dtype(), self.name(), run(self, (x, xl), (g, gl)))?;
+        let len = xl.shape().elem_count() + 2 * self.forward.geometry.channels();
+        Ok((out, Shape::from(len)))
     }
 }
 
@@ -366,7 +490,7 @@ mod tests {
     use super::super::testing::{outputs_and_gradients, relative_errors};
     use super::*;
     use crate::rng::Rng;
-    use candle_core::{Device, D};
+    use candle_core::{DType, Device, D};
 
     /// The norms as tensor ops (in F64, as the reference): standardise each group, scale, shift,
     /// SiLU.
