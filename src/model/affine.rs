@@ -32,7 +32,7 @@ fn broadcast(param: &Layout, x: &Layout, axis: usize) -> Result<Layout> {
 }
 
 /// Sum of `g` over every dimension but `axis`, in F32, as [C] in `dtype`.
-fn sum_except(g: &Tensor, axis: usize, dtype: DType) -> Result<Tensor> {
+pub(crate) fn sum_except(g: &Tensor, axis: usize, dtype: DType) -> Result<Tensor> {
     let dims = g.dims();
     let before: usize = dims[..axis].iter().product();
     let after: usize = dims[axis + 1..].iter().product();

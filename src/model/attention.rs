@@ -290,13 +290,36 @@ impl Attention {
         context: Option<&Tensor>,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.to_out.forward(&self.attend(xs, context, bias)?)
+    }
+
+    /// `forward(xs, context, bias) + residual` ([B, L, C]), the output projection's bias and the
+    /// residual added in one op.
+    pub fn forward_add(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.to_out
+            .forward_add(&self.attend(xs, context, bias)?, residual)
+    }
+
+    /// The heads' outputs before the output projection: [B, L, C].
+    fn attend(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let ctx = context.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
         let heads = self.heads;
-        let out = if fused::supported(xs.device(), q.dim(2)? / heads) {
-            fused::attention(&q, &k, &v, heads, bias)?
+        if fused::supported(xs.device(), q.dim(2)? / heads) {
+            fused::attention(&q, &k, &v, heads, bias)
         } else {
             let (q, k, v) = (
                 split_heads(&q, heads)?,
@@ -304,9 +327,8 @@ impl Attention {
                 split_heads(&v, heads)?,
             );
             let bias = head_bias(bias, heads)?;
-            merge_heads(&scaled_dot_product(&q, &k, &v, bias.as_ref())?, heads)?
-        };
-        self.to_out.forward(&out)
+            merge_heads(&scaled_dot_product(&q, &k, &v, bias.as_ref())?, heads)
+        }
     }
 }
 
@@ -326,10 +348,12 @@ impl FeedForward {
     }
 }
 
-impl Module for FeedForward {
-    /// [B, L, C] → [B, L, C]
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&geglu(&self.proj_in.forward(xs)?)?)
+impl FeedForward {
+    /// `xs` [B, L, C] → the feed-forward of xs plus `residual` [B, L, C], the last bias and the
+    /// residual added in one op.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.proj_out
+            .forward_add(&geglu(&self.proj_in.forward(xs)?)?, residual)
     }
 }
 
@@ -364,12 +388,13 @@ impl TransformerBlock {
 
     /// `xs`: [B, L, C], `context`: [B, M, D], `bias`: [B, 1, M] → [B, L, C]
     pub fn forward(&self, xs: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, None)? + xs)?;
-        let xs = (self
+        let xs = self
+            .attn1
+            .forward_add(&self.norm1.forward(xs)?, None, None, xs)?;
+        let xs = self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context), bias)?
-            + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + &xs
+            .forward_add(&self.norm2.forward(&xs)?, Some(context), bias, &xs)?;
+        self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
 

@@ -7,6 +7,7 @@ use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
 use super::affine::add_bias;
 use super::conv::conv2d as conv2d_op;
+use super::kernels::bias::add_bias_residual;
 use super::kernels::norm;
 
 /// A 2-D convolution; the weight and the bias are cast to the input's dtype.
@@ -33,14 +34,30 @@ pub fn conv2d(
     })
 }
 
-impl Module for Conv2d {
-    /// [B, C_in, H, W] → [B, C_out, H', W'] in the input's dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl Conv2d {
+    /// The convolution without its bias: [B, C_in, H, W] → [B, C_out, H', W'].
+    fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
         let c = &self.config;
         if c.dilation != 1 || c.groups != 1 {
             candle_core::bail!("Conv2d supports dilation 1 and one group, not {c:?}");
         }
-        let y = conv2d_op(xs, &self.weight.to_dtype(xs.dtype())?, c.padding, c.stride)?;
+        conv2d_op(xs, &self.weight.to_dtype(xs.dtype())?, c.padding, c.stride)
+    }
+
+    /// `forward(xs) + residual` ([B, C_out, H', W']), the bias and the residual added in one op.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let y = self.convolve(xs)?;
+        match &self.bias {
+            Some(b) => add_bias_residual(&y, b, 1, residual),
+            None => y + residual,
+        }
+    }
+}
+
+impl Module for Conv2d {
+    /// [B, C_in, H, W] → [B, C_out, H', W'] in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let y = self.convolve(xs)?;
         match &self.bias {
             Some(b) => add_bias(&y, b, 1),
             None => Ok(y),
@@ -73,20 +90,35 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
     })
 }
 
-impl Module for Linear {
-    /// [..., in] → [..., out] in the input's dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// The product without the bias: [..., in] → [..., out].
+    fn multiply(&self, xs: &Tensor) -> Result<Tensor> {
         let w = self.weight.to_dtype(xs.dtype())?;
         let dims = xs.dims();
         let (rows, k) = (xs.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
         let mut out_shape = dims.to_vec();
         *out_shape.last_mut().expect("rank ≥ 1") = w.dim(0)?;
         // One 2-D matmul: a broadcast batched matmul is much slower on CPU and CUDA.
-        let y = xs
-            .contiguous()?
+        xs.contiguous()?
             .reshape((rows, k))?
             .matmul(&w.t()?)?
-            .reshape(out_shape)?;
+            .reshape(out_shape)
+    }
+
+    /// `forward(xs) + residual` ([..., out]), the bias and the residual added in one op.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let y = self.multiply(xs)?;
+        match &self.bias {
+            Some(b) => add_bias_residual(&y, b, y.rank() - 1, residual),
+            None => y + residual,
+        }
+    }
+}
+
+impl Module for Linear {
+    /// [..., in] → [..., out] in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let y = self.multiply(xs)?;
         match &self.bias {
             Some(b) => add_bias(&y, b, y.rank() - 1),
             None => Ok(y),

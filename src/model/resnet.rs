@@ -85,7 +85,6 @@ impl ResBlock {
             (Some(_), None) => candle_core::bail!("ResBlock: time embedding expected"),
             (None, Some(_)) => candle_core::bail!("ResBlock: built without a time projection"),
         }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let mut skip = if self.down {
             xs.avg_pool2d(2)?
         } else {
@@ -94,6 +93,6 @@ impl ResBlock {
         if let Some(conv) = &self.conv_shortcut {
             skip = conv.forward(&skip)?;
         }
-        skip + h
+        self.conv2.forward_add(&self.norm2.forward_silu(&h)?, &skip)
     }
 }

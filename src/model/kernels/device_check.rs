@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::{attention, geglu, norm};
+use super::{attention, bias, geglu, norm};
 use crate::model::attention::padding_bias;
 use crate::rng::Rng;
 
@@ -96,6 +96,16 @@ fn cases() -> Result<Vec<Case>> {
             }),
         },
         Case {
+            name: "bias+residual",
+            inputs: vec![
+                randn(&[2, 96, 16, 15], 1.0, 0.0)?,
+                randn(&[96], 1.0, 0.0)?,
+                randn(&[2, 96, 16, 15], 1.0, 0.0)?,
+            ],
+            tracked: 3,
+            apply: Box::new(|t| bias::add_bias_residual(&t[0], &t[1], 1, &t[2])),
+        },
+        Case {
             name: "GEGLU",
             inputs: vec![randn(&[2, 250, 2 * 192], 2.0, 0.0)?],
             tracked: 1,
@@ -183,7 +193,7 @@ mod tests {
     #[test]
     fn the_cpu_agrees_with_itself_and_every_case_runs() -> Result<()> {
         let rows = comparisons(&Device::Cpu)?;
-        assert_eq!(rows.len(), 6 * 2 * 2);
+        assert_eq!(rows.len(), 7 * 2 * 2);
         for row in rows {
             let diff = (&row.tested - &row.reference)?
                 .abs()?

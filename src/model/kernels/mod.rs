@@ -6,6 +6,7 @@
 //! memory on the CPU (`cxrgen bench` counts them, see [`crate::opcount`]).
 
 pub mod attention;
+pub mod bias;
 pub mod device_check;
 pub mod geglu;
 pub mod norm;
@@ -122,6 +123,10 @@ pub(crate) mod cuda {
     pub const ATTENTION: Module = Module {
         name: "cxrgen_attention",
         ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+    };
+    pub const BIAS: Module = Module {
+        name: "cxrgen_bias",
+        ptx: include_str!(concat!(env!("OUT_DIR"), "/bias.ptx")),
     };
     pub const GEGLU: Module = Module {
         name: "cxrgen_geglu",
