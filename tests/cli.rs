@@ -200,8 +200,8 @@ fn check_device_compares_with_the_cpu() {
     let v = json_of(&out);
     assert_eq!(v["ok"], true);
     let checks = v["checks"].as_array().unwrap();
-    // The four model rows, then seven fused kernels × (F32, F16) × (output, gradients).
-    assert_eq!(checks.len(), 4 + 7 * 2 * 2);
+    // The four model rows, then nine fused kernels × (F32, F16) × (output, gradients).
+    assert_eq!(checks.len(), 4 + 9 * 2 * 2);
     for c in checks {
         assert_eq!(c["max_abs"], 0.0, "{c}");
     }

@@ -7,9 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::kernels::attention as fused;
 use super::kernels::geglu::geglu;
-use super::layers::{
-    from_tokens, group_norm, linear, linear_no_bias, to_tokens, GroupNorm, LayerNorm, Linear,
-};
+use super::layers::{group_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, Residual};
 use super::precomputed::Precomputed;
 use super::resnet::NORM_EPS;
 
@@ -283,24 +281,15 @@ impl Attention {
     }
 
     /// `xs`: [B, L, C]; `context`: [B, M, D] (None: self-attention); `bias`: [B, 1, M] from
-    /// [`padding_bias`] → [B, L, C].
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        context: Option<&Tensor>,
-        bias: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        self.to_out.forward(&self.attend(xs, context, bias)?)
-    }
-
-    /// `forward(xs, context, bias) + residual` ([B, L, C]), the output projection's bias and the
-    /// residual added in one op.
+    /// [`padding_bias`] → the attention plus `residual`: [B, L, C], or for [`Residual::Map`] the
+    /// feature map [B, C, H, W] (L = H·W). The output projection's bias and the residual are
+    /// added in one op.
     pub fn forward_add(
         &self,
         xs: &Tensor,
         context: Option<&Tensor>,
         bias: Option<&Tensor>,
-        residual: &Tensor,
+        residual: Residual,
     ) -> Result<Tensor> {
         self.to_out
             .forward_add(&self.attend(xs, context, bias)?, residual)
@@ -352,8 +341,10 @@ impl FeedForward {
     /// `xs` [B, L, C] → the feed-forward of xs plus `residual` [B, L, C], the last bias and the
     /// residual added in one op.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.proj_out
-            .forward_add(&geglu(&self.proj_in.forward(xs)?)?, residual)
+        self.proj_out.forward_add(
+            &geglu(&self.proj_in.forward(xs)?)?,
+            Residual::Same(residual),
+        )
     }
 }
 
@@ -388,12 +379,15 @@ impl TransformerBlock {
 
     /// `xs`: [B, L, C], `context`: [B, M, D], `bias`: [B, 1, M] → [B, L, C]
     pub fn forward(&self, xs: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let xs = self
-            .attn1
-            .forward_add(&self.norm1.forward(xs)?, None, None, xs)?;
-        let xs = self
-            .attn2
-            .forward_add(&self.norm2.forward(&xs)?, Some(context), bias, &xs)?;
+        let xs =
+            self.attn1
+                .forward_add(&self.norm1.forward(xs)?, None, None, Residual::Same(xs))?;
+        let xs = self.attn2.forward_add(
+            &self.norm2.forward(&xs)?,
+            Some(context),
+            bias,
+            Residual::Same(&xs),
+        )?;
         self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
@@ -433,10 +427,9 @@ impl SpatialTransformer {
 
     /// `xs`: [B, C, H, W], `context`: [B, M, D], `bias`: [B, 1, M] → [B, C, H, W]
     pub fn forward(&self, xs: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        let tokens = self.proj_in.forward(&to_tokens(&self.norm.forward(xs)?)?)?;
+        let tokens = self.proj_in.forward(&self.norm.forward_to_tokens(xs)?)?;
         let tokens = self.block.forward(&tokens, context, bias)?;
-        from_tokens(&self.proj_out.forward(&tokens)?, h, w)? + xs
+        self.proj_out.forward_add(&tokens, Residual::Map(xs))
     }
 }
 
@@ -459,9 +452,9 @@ impl SpatialSelfAttention {
 impl Module for SpatialSelfAttention {
     /// [B, C, H, W] → [B, C, H, W]
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        let tokens = to_tokens(&self.norm.forward(xs)?)?;
-        from_tokens(&self.attn.forward(&tokens, None, None)?, h, w)? + xs
+        let tokens = self.norm.forward_to_tokens(xs)?;
+        self.attn
+            .forward_add(&tokens, None, None, Residual::Map(xs))
     }
 }
 

@@ -7,7 +7,7 @@ use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
 use super::affine::add_bias;
 use super::conv::conv2d as conv2d_op;
-use super::kernels::bias::add_bias_residual;
+use super::kernels::bias::{add_bias_residual, add_bias_residual_from_tokens};
 use super::kernels::norm;
 
 /// A 2-D convolution; the weight and the bias are cast to the input's dtype.
@@ -105,14 +105,26 @@ impl Linear {
             .reshape(out_shape)
     }
 
-    /// `forward(xs) + residual` ([..., out]), the bias and the residual added in one op.
-    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    /// `forward(xs)` plus `residual`, the bias and the residual added in one op: [..., out], or
+    /// for [`Residual::Map`] the feature map [B, C, H, W] of token outputs [B, H·W, C].
+    pub fn forward_add(&self, xs: &Tensor, residual: Residual) -> Result<Tensor> {
         let y = self.multiply(xs)?;
-        match &self.bias {
-            Some(b) => add_bias_residual(&y, b, y.rank() - 1, residual),
-            None => y + residual,
+        match (&self.bias, residual) {
+            (Some(b), Residual::Same(r)) => add_bias_residual(&y, b, y.rank() - 1, r),
+            (Some(b), Residual::Map(r)) => add_bias_residual_from_tokens(&y, b, r),
+            (None, Residual::Same(r)) => y + r,
+            (None, Residual::Map(r)) => y.transpose(1, 2)?.reshape(r.shape())? + r,
         }
     }
+}
+
+/// A residual added to a layer's output together with its bias.
+#[derive(Debug, Clone, Copy)]
+pub enum Residual<'a> {
+    /// Of the output's shape.
+    Same(&'a Tensor),
+    /// A feature map [B, C, H, W] for an output of tokens [B, H·W, C]: the sum is a feature map.
+    Map(&'a Tensor),
 }
 
 impl Module for Linear {
@@ -150,12 +162,10 @@ impl GroupNorm {
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
         norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, true)
     }
-}
 
-impl Module for GroupNorm {
-    /// [B, C, ...] → [B, C, ...] in the input's dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, false)
+    /// [B, C, H, W] → [B, H·W, C]: the norm of a feature map as tokens, in one kernel.
+    pub fn forward_to_tokens(&self, xs: &Tensor) -> Result<Tensor> {
+        norm::group_norm_to_tokens(xs, &self.weight, &self.bias, self.groups, self.eps)
     }
 }
 
@@ -188,18 +198,6 @@ impl Module for LayerNorm {
     }
 }
 
-/// [B, C, H, W] → [B, H·W, C]: image features as a token sequence.
-pub fn to_tokens(xs: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = xs.dims4()?;
-    xs.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
-}
-
-/// [B, H·W, C] → [B, C, H, W], the inverse of [`to_tokens`].
-pub fn from_tokens(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-    let (b, _, c) = xs.dims3()?;
-    xs.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,17 +228,6 @@ mod tests {
             assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         }
         assert!(grads.get(&x).is_some());
-        Ok(())
-    }
-
-    #[test]
-    fn tokens_round_trip() -> Result<()> {
-        let x = Tensor::arange(0f32, 2. * 3. * 4. * 5., &Device::Cpu)?.reshape((2, 3, 4, 5))?;
-        let t = to_tokens(&x)?;
-        assert_eq!(t.dims(), &[2, 20, 3]);
-        let back = from_tokens(&t, 4, 5)?;
-        let diff = (back - x)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0);
         Ok(())
     }
 }

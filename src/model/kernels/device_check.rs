@@ -64,6 +64,16 @@ fn cases() -> Result<Vec<Case>> {
             apply: Box::new(|t| norm::group_norm(&t[0], &t[1], &t[2], 16, 1e-6, false)),
         },
         Case {
+            name: "GN to tokens",
+            inputs: vec![
+                randn(&[2, 96, 16, 15], 2.0, 1.0)?,
+                randn(&[96], 0.5, 1.0)?,
+                randn(&[96], 0.5, 0.0)?,
+            ],
+            tracked: 3,
+            apply: Box::new(|t| norm::group_norm_to_tokens(&t[0], &t[1], &t[2], 24, 1e-6)),
+        },
+        Case {
             name: "LayerNorm",
             inputs: vec![
                 randn(&[2, 250, 192], 1.5, 0.5)?,
@@ -104,6 +114,16 @@ fn cases() -> Result<Vec<Case>> {
             ],
             tracked: 3,
             apply: Box::new(|t| bias::add_bias_residual(&t[0], &t[1], 1, &t[2])),
+        },
+        Case {
+            name: "tokens+bias+map",
+            inputs: vec![
+                randn(&[2, 16 * 15, 96], 1.0, 0.0)?,
+                randn(&[96], 1.0, 0.0)?,
+                randn(&[2, 96, 16, 15], 1.0, 0.0)?,
+            ],
+            tracked: 3,
+            apply: Box::new(|t| bias::add_bias_residual_from_tokens(&t[0], &t[1], &t[2])),
         },
         Case {
             name: "GEGLU",
@@ -193,7 +213,7 @@ mod tests {
     #[test]
     fn the_cpu_agrees_with_itself_and_every_case_runs() -> Result<()> {
         let rows = comparisons(&Device::Cpu)?;
-        assert_eq!(rows.len(), 7 * 2 * 2);
+        assert_eq!(rows.len(), 9 * 2 * 2);
         for row in rows {
             let diff = (&row.tested - &row.reference)?
                 .abs()?

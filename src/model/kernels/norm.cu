@@ -5,7 +5,23 @@
 // (r % groups) * channels_per_group + j / inner for its elements j. GroupNorm: rows = B·G,
 // inner = H·W; LayerNorm: groups = 1, channels_per_group = the normalised width, inner = 1.
 // One block per row; statistics in F32 (two passes: the mean, then the centred variance).
+// With `tokens`, y (and in the backward pass its gradient g) has GroupNorm's output as tokens:
+// [B, inner, C] instead of x's [B, C, inner].
 #include "common.cuh"
+
+// Where element j of row `row` of x sits in y (and g).
+struct OutIndex {
+    size_t row;
+    unsigned int groups, channels_per_group, inner, tokens;
+
+    __device__ __forceinline__ size_t operator()(unsigned int j) const {
+        if (!tokens) return row * channels_per_group * inner + j;
+        const unsigned int k = j / inner;
+        const unsigned int s = j - k * inner;
+        const unsigned int c = (unsigned int)(row % groups) * channels_per_group + k;
+        return ((row / groups) * inner + s) * (size_t)(groups * channels_per_group) + c;
+    }
+};
 
 template <typename T>
 __device__ __forceinline__ void row_stats(const T *x, unsigned int n, float eps, float *scratch,
@@ -26,12 +42,13 @@ __device__ __forceinline__ void row_stats(const T *x, unsigned int n, float eps,
 template <typename T>
 __device__ __forceinline__ void norm_fwd(const T *x, const T *w, const T *b, T *y,
                                          unsigned int groups, unsigned int channels_per_group,
-                                         unsigned int inner, float eps, unsigned int silu) {
+                                         unsigned int inner, float eps, unsigned int silu,
+                                         unsigned int tokens) {
     __shared__ float scratch[32];
     const unsigned int n = channels_per_group * inner;
     const size_t row = blockIdx.x;
+    const OutIndex at{row, groups, channels_per_group, inner, tokens};
     x += row * n;
-    y += row * n;
     float mean, rstd;
     row_stats(x, n, eps, scratch, mean, rstd);
     const unsigned int c0 = (unsigned int)(row % groups) * channels_per_group;
@@ -39,18 +56,16 @@ __device__ __forceinline__ void norm_fwd(const T *x, const T *w, const T *b, T *
         const unsigned int c = c0 + j / inner;
         float v = (to_f32(x[j]) - mean) * rstd * to_f32(w[c]) + to_f32(b[c]);
         if (silu) v = v / (1.0f + expf(-v));
-        y[j] = from_f32<T>(v);
+        y[at(j)] = from_f32<T>(v);
     }
 }
 
-// x̂ and the gradient reaching the pre-activation z = x̂ · w + b of element j (through the SiLU
-// when `silu`: silu'(z) = s · (1 + z · (1 − s)), s = sigmoid(z)).
-template <typename T>
-__device__ __forceinline__ void grad_at(const T *x, const T *g, unsigned int j, float w, float b,
-                                        float mean, float rstd, unsigned int silu, float &x_hat,
-                                        float &g_z) {
-    x_hat = (to_f32(x[j]) - mean) * rstd;
-    g_z = to_f32(g[j]);
+// x̂ and the gradient reaching the pre-activation z = x̂ · w + b of an element x with output
+// gradient g (through the SiLU when `silu`: silu'(z) = s · (1 + z · (1 − s)), s = sigmoid(z)).
+__device__ __forceinline__ void grad_at(float x, float g, float w, float b, float mean, float rstd,
+                                        unsigned int silu, float &x_hat, float &g_z) {
+    x_hat = (x - mean) * rstd;
+    g_z = g;
     if (silu) {
         const float z = x_hat * w + b;
         const float s = 1.0f / (1.0f + expf(-z));
@@ -65,12 +80,12 @@ template <typename T>
 __device__ __forceinline__ void norm_bwd(const T *x, const T *w, const T *b, const T *g, T *dx,
                                          float *partial, unsigned int groups,
                                          unsigned int channels_per_group, unsigned int inner,
-                                         float eps, unsigned int silu) {
+                                         float eps, unsigned int silu, unsigned int tokens) {
     __shared__ float scratch[32];
     const unsigned int n = channels_per_group * inner;
     const size_t row = blockIdx.x;
+    const OutIndex at{row, groups, channels_per_group, inner, tokens};
     x += row * n;
-    g += row * n;
     dx += row * n;
     partial += row * channels_per_group * 2;
     float mean, rstd;
@@ -82,7 +97,7 @@ __device__ __forceinline__ void norm_bwd(const T *x, const T *w, const T *b, con
         // One element per channel (LayerNorm): its share is the element's own terms.
         for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
             const float wc = to_f32(w[c0 + j]);
-            grad_at(x, g, j, wc, to_f32(b[c0 + j]), mean, rstd, silu, x_hat, g_z);
+            grad_at(to_f32(x[j]), to_f32(g[at(j)]), wc, to_f32(b[c0 + j]), mean, rstd, silu, x_hat, g_z);
             sum_gh += g_z * wc;
             sum_gh_xh += g_z * wc * x_hat;
             partial[2 * j] = g_z * x_hat;
@@ -95,7 +110,8 @@ __device__ __forceinline__ void norm_bwd(const T *x, const T *w, const T *b, con
             const float bc = to_f32(b[c0 + k]);
             float s_w = 0.0f, s_b = 0.0f;
             for (unsigned int s = threadIdx.x; s < inner; s += blockDim.x) {
-                grad_at(x, g, k * inner + s, wc, bc, mean, rstd, silu, x_hat, g_z);
+                const unsigned int j = k * inner + s;
+                grad_at(to_f32(x[j]), to_f32(g[at(j)]), wc, bc, mean, rstd, silu, x_hat, g_z);
                 s_w += g_z * x_hat;
                 s_b += g_z;
             }
@@ -114,7 +130,7 @@ __device__ __forceinline__ void norm_bwd(const T *x, const T *w, const T *b, con
     for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
         const unsigned int c = c0 + j / inner;
         const float wc = to_f32(w[c]);
-        grad_at(x, g, j, wc, to_f32(b[c]), mean, rstd, silu, x_hat, g_z);
+        grad_at(to_f32(x[j]), to_f32(g[at(j)]), wc, to_f32(b[c]), mean, rstd, silu, x_hat, g_z);
         dx[j] = from_f32<T>(rstd * (g_z * wc - mean_gh - x_hat * mean_gh_xh));
     }
 }
@@ -141,14 +157,15 @@ __device__ __forceinline__ void norm_param_grads(const float *partial, T *out, u
                                                  unsigned int groups,                             \
                                                  unsigned int channels_per_group,                 \
                                                  unsigned int inner, float eps,                   \
-                                                 unsigned int silu) {                             \
-        norm_fwd<T>(x, w, b, y, groups, channels_per_group, inner, eps, silu);                   \
+                                                 unsigned int silu, unsigned int tokens) {        \
+        norm_fwd<T>(x, w, b, y, groups, channels_per_group, inner, eps, silu, tokens);           \
     }                                                                                             \
     extern "C" __global__ void norm_bwd_##SUFFIX(                                                 \
         const T *x, const T *w, const T *b, const T *g, T *dx, float *partial,                   \
         unsigned int groups, unsigned int channels_per_group, unsigned int inner, float eps,     \
-        unsigned int silu) {                                                                      \
-        norm_bwd<T>(x, w, b, g, dx, partial, groups, channels_per_group, inner, eps, silu);      \
+        unsigned int silu, unsigned int tokens) {                                                 \
+        norm_bwd<T>(x, w, b, g, dx, partial, groups, channels_per_group, inner, eps, silu,       \
+                    tokens);                                                                      \
     }                                                                                             \
     extern "C" __global__ void norm_param_grads_##SUFFIX(const float *partial, T *out,           \
                                                          unsigned int batch,                      \

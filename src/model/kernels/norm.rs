@@ -27,9 +27,26 @@ struct Geometry {
     groups: usize,
     channels_per_group: usize,
     inner: usize,
+    /// The output as tokens, [B, inner, C], instead of in x's layout [B, C, inner].
+    tokens: bool,
 }
 
 impl Geometry {
+    /// GroupNorm's of `dims` [B, C, ...].
+    fn groups(dims: &[usize], groups: usize, tokens: bool) -> Result<Self> {
+        if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
+            candle_core::bail!(
+                "group_norm: {groups} groups do not divide the channels of {dims:?}"
+            );
+        }
+        Ok(Self {
+            groups,
+            channels_per_group: dims[1] / groups,
+            inner: dims[2..].iter().product(),
+            tokens,
+        })
+    }
+
     /// Elements per row.
     fn n(&self) -> usize {
         self.channels_per_group * self.inner
@@ -37,6 +54,25 @@ impl Geometry {
 
     fn channels(&self) -> usize {
         self.groups * self.channels_per_group
+    }
+
+    /// Where element `j` of row `row` of x sits in the output (and in its gradient).
+    fn out_index(&self, row: usize, j: usize) -> usize {
+        if !self.tokens {
+            return row * self.n() + j;
+        }
+        let (k, s) = (j / self.inner, j % self.inner);
+        let c = (row % self.groups) * self.channels_per_group + k;
+        ((row / self.groups) * self.inner + s) * self.channels() + c
+    }
+
+    /// The output's shape for input `x`.
+    fn output_shape(&self, x: &Shape) -> Shape {
+        if self.tokens {
+            Shape::from((x.dims()[0], self.inner, self.channels()))
+        } else {
+            x.clone()
+        }
     }
 }
 
@@ -50,16 +86,21 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let dims = x.dims();
-    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
-        candle_core::bail!("group_norm: {groups} groups do not divide the channels of {dims:?}");
-    }
-    let geometry = Geometry {
-        groups,
-        channels_per_group: dims[1] / groups,
-        inner: dims[2..].iter().product(),
-    };
+    let geometry = Geometry::groups(x.dims(), groups, false)?;
     apply(x, weight, bias, geometry, eps, silu)
+}
+
+/// [`group_norm`] (without SiLU) of `x` [B, C, ...] handed on as tokens: [B, H·W·..., C], as
+/// attention reads a feature map (one op instead of the norm and a transposing copy).
+pub fn group_norm_to_tokens(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let geometry = Geometry::groups(x.dims(), groups, true)?;
+    apply(x, weight, bias, geometry, eps, false)
 }
 
 /// LayerNorm of `x` [..., D] over its last dimension, scaled by `weight` [D] and shifted by
@@ -69,6 +110,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         groups: 1,
         channels_per_group: x.dim(candle_core::D::Minus1)?,
         inner: 1,
+        tokens: false,
     };
     apply(x, weight, bias, geometry, eps, false)
 }
@@ -166,7 +208,23 @@ fn forward_cpu<T: Float>(
                 }
             }
         });
-    y
+    if !g.tokens {
+        return y;
+    }
+    // [B, C, inner] → [B, inner, C], one batch element per task.
+    let (c, inner) = (g.channels(), g.inner);
+    let mut tokens = vec![T::zero(); y.len()];
+    tokens
+        .par_chunks_mut(c * inner)
+        .zip(y.par_chunks(c * inner))
+        .for_each(|(out, y)| {
+            for (s, token) in out.chunks_mut(c).enumerate() {
+                for (ch, o) in token.iter_mut().enumerate() {
+                    *o = y[ch * inner + s];
+                }
+            }
+        });
+    tokens
 }
 
 impl CustomOp3 for Norm {
@@ -200,7 +258,7 @@ impl CustomOp3 for Norm {
         }
         same_dtype(self.name(), x.dtype(), &[w.dtype(), b.dtype()])?;
         let y = float_dispatch!(x.dtype(), self.name(), run(self, (x, xl), (w, wl), (b, bl)))?;
-        Ok((y, xl.shape().clone()))
+        Ok((y, self.geometry.output_shape(xl.shape())))
     }
 
     #[cfg(feature = "cuda")]
@@ -233,7 +291,7 @@ impl CustomOp3 for Norm {
             let cpg = cuda::arg_u32(g.channels_per_group, "channels per group")?;
             let inner = cuda::arg_u32(g.inner, "elements per channel")?;
             cuda::arg_u32(g.n(), "elements per row")?;
-            let silu = op.silu as u32;
+            let (silu, tokens) = (op.silu as u32, g.tokens as u32);
             let cfg = cuda::blocks(xl.shape().elem_count() / g.n(), cuda::row_threads(g.n()))?;
             cuda::launch!(
                 dev,
@@ -241,13 +299,13 @@ impl CustomOp3 for Norm {
                 "norm_fwd",
                 T::DTYPE,
                 cfg,
-                [&xs, &ws, &bs, &y, &groups, &cpg, &inner, &op.eps, &silu]
+                [&xs, &ws, &bs, &y, &groups, &cpg, &inner, &op.eps, &silu, &tokens]
             );
             Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }
         same_dtype(self.name(), x.dtype(), &[w.dtype(), b.dtype()])?;
         let y = float_dispatch!(x.dtype(), self.name(), run(self, (x, xl), (w, wl), (b, bl)))?;
-        Ok((y, xl.shape().clone()))
+        Ok((y, self.geometry.output_shape(xl.shape())))
     }
 
     fn bwd(
@@ -312,9 +370,11 @@ fn backward_cpu<T: Float>(
     let (dx, params) = out.split_at_mut(x.len());
     dx.par_chunks_mut(n)
         .zip(partial.par_chunks_mut(2 * cpg))
-        .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+        .zip(x.par_chunks(n))
         .enumerate()
-        .for_each(|(row, ((dx, partial), (x, g)))| {
+        .for_each(|(row, ((dx, partial), x))| {
+            // The output gradient of element j (in the output's layout).
+            let g = |j: usize| g[geometry.out_index(row, j)];
             let stats = row_stats(x, eps);
             let c0 = (row % geometry.groups) * cpg;
             let param = |k: usize| (w[c0 + k].to_f32(), b[c0 + k].to_f32());
@@ -322,8 +382,9 @@ fn backward_cpu<T: Float>(
             for (k, share) in partial.chunks_mut(2).enumerate() {
                 let (wc, bc) = param(k);
                 let (mut s_w, mut s_b) = (0f64, 0f64);
-                for j in k * inner..(k + 1) * inner {
-                    let (x_hat, g_z) = grad_at(x[j].to_f32(), g[j].to_f32(), (wc, bc), stats, silu);
+                let run = k * inner..(k + 1) * inner;
+                for (j, xj) in run.clone().zip(&x[run]) {
+                    let (x_hat, g_z) = grad_at(xj.to_f32(), g(j).to_f32(), (wc, bc), stats, silu);
                     s_w += (g_z * x_hat) as f64;
                     s_b += g_z as f64;
                 }
@@ -335,7 +396,7 @@ fn backward_cpu<T: Float>(
             let (mean_gh, mean_gh_xh) = ((sum_gh / n as f64) as f32, (sum_gh_xh / n as f64) as f32);
             for (j, dx) in dx.iter_mut().enumerate() {
                 let (wc, bc) = param(j / inner);
-                let (x_hat, g_z) = grad_at(x[j].to_f32(), g[j].to_f32(), (wc, bc), stats, silu);
+                let (x_hat, g_z) = grad_at(x[j].to_f32(), g(j).to_f32(), (wc, bc), stats, silu);
                 *dx = T::from_f32(stats.1 * (g_z * wc - mean_gh - x_hat * mean_gh_xh));
             }
         });
@@ -434,7 +495,7 @@ impl CustomOp2 for NormBackward {
                 cuda::arg_u32(batch, "batch")?,
                 cuda::arg_u32(channels, "channels")?,
             );
-            let silu = op.forward.silu as u32;
+            let (silu, tokens) = (op.forward.silu as u32, geometry.tokens as u32);
             op.with_params(|(w, wl), (b, bl)| {
                 let (candle_core::Storage::Cuda(w), candle_core::Storage::Cuda(b)) = (w, b) else {
                     candle_core::bail!("{name}: the parameters are on another device");
@@ -458,7 +519,8 @@ impl CustomOp2 for NormBackward {
                         &cpg,
                         &inner,
                         &op.forward.eps,
-                        &silu
+                        &silu,
+                        &tokens
                     ]
                 );
                 Ok(())
@@ -573,6 +635,35 @@ mod tests {
                     &case,
                     &format!("group norm {dims:?} / {groups}, silu {act}"),
                 )?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_to_tokens_equals_the_norm_then_a_transpose() -> Result<()> {
+        for (dims, groups) in [(vec![2, 6, 5, 3], 3), (vec![1, 4, 7], 2)] {
+            let [x, w, b, _] = inputs(&dims, dims[1], 12)?;
+            let (batch, c, inner) = (dims[0], dims[1], dims[2..].iter().product::<usize>());
+            let r = Rng::new(13).randn((batch, inner, c), &Device::Cpu)?;
+            let reference = |t: &[Tensor]| {
+                composite(t, Some(groups), false)?
+                    .reshape((batch, c, inner))?
+                    .transpose(1, 2)
+            };
+            for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 5e-3)] {
+                let cast = |t: &Tensor| t.to_dtype(dtype);
+                let got = outputs_and_gradients(
+                    &|t| group_norm_to_tokens(&t[0], &t[1], &t[2], groups, 1e-5),
+                    &[&cast(&x)?, &cast(&w)?, &cast(&b)?],
+                    &r,
+                )?;
+                let up = |t: &Tensor| cast(t)?.to_dtype(DType::F32);
+                let want = outputs_and_gradients(&reference, &[&up(&x)?, &up(&w)?, &up(&b)?], &r)?;
+                assert_eq!(got[0].dims(), [batch, inner, c]);
+                let errs = relative_errors(&got, &want)?;
+                let worst = errs.iter().cloned().fold(0.0, f64::max);
+                assert!(worst < tol, "{dims:?}, {dtype:?}: {errs:?}");
             }
         }
         Ok(())
