@@ -1,6 +1,8 @@
-//! Attention: the scaled dot-product kernel (chunked over queries, masked), multi-head self- and
-//! cross-attention, the transformer block of the U-Net and the single-head spatial attention of
-//! the VAE.
+//! Attention: multi-head self- and cross-attention (forward through the fused op of
+//! [`super::kernels::attention`]), the scaled dot-product per head in tensor ops (chunked over
+//! queries, masked: the backward pass of both, and the forward pass of heads wider than the CUDA
+//! kernel takes), the transformer block of the U-Net and the single-head spatial attention of the
+//! VAE.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;

@@ -7,7 +7,7 @@ use candle_core::cpu::erf::erf_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{cpu_slice, float_dispatch, same_dtype, Float};
+use super::{cpu_slice, fast_exp, float_dispatch, same_dtype, Float};
 
 /// `h` [..., 2H] = [a | gate] → a · gelu_erf(gate): [..., H], in h's dtype (arithmetic in F32).
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
@@ -29,7 +29,7 @@ fn gelu(x: f32) -> f32 {
 #[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
     let cdf = 0.5 * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
-    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f32::consts::PI).sqrt();
+    let pdf = fast_exp(-0.5 * x * x) / (2.0 * std::f32::consts::PI).sqrt();
     cdf + x * pdf
 }
 

@@ -19,7 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_slice, float_dispatch, same_dtype, Float};
+use super::{cpu_slice, fast_exp, float_dispatch, same_dtype, Float};
 
 /// How a norm groups the elements of its input.
 #[derive(Debug, Clone, Copy)]
@@ -155,21 +155,37 @@ struct Norm {
 /// Mean and 1/√(var + eps) of a row, summed in f64 (deterministic: one thread per row).
 fn row_stats<T: Float>(x: &[T], eps: f32) -> (f32, f32) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.to_f32() as f64).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|v| {
-            let d = v.to_f32() as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
+    let mean = sum_f64(x, |v| v as f64) / n;
+    let var = sum_f64(x, |v| {
+        let d = v as f64 - mean;
+        d * d
+    }) / n;
     (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}
+
+/// Σ f(x) in f64 over four interleaved partial sums: independent additions the compiler can
+/// vectorise (one running sum waits on every addition before it).
+#[inline(always)]
+fn sum_f64<T: Float>(x: &[T], f: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; 4];
+    let chunks = x.chunks_exact(4);
+    let tail: f64 = chunks.remainder().iter().map(|v| f(v.to_f32())).sum();
+    for chunk in chunks {
+        for (acc, v) in lanes.iter_mut().zip(chunk) {
+            *acc += f(v.to_f32());
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// Rows per rayon task: short rows (LayerNorm's) are grouped to a few thousand elements.
+fn rows_per_task(n: usize) -> usize {
+    (4096 / n.max(1)).max(1)
 }
 
 #[inline(always)]
 fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
+    v / (1.0 + fast_exp(-v))
 }
 
 fn forward_cpu<T: Float>(
@@ -182,6 +198,7 @@ fn forward_cpu<T: Float>(
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))
+        .with_min_len(rows_per_task(n))
         .enumerate()
         .for_each(|(row, (y, x))| {
             let (mean, rstd) = row_stats(x, eps);
@@ -351,7 +368,7 @@ fn grad_at(x: f32, g: f32, (w, b): (f32, f32), (mean, rstd): (f32, f32), silu: b
         return (x_hat, g);
     }
     let z = x_hat * w + b;
-    let s = 1.0 / (1.0 + (-z).exp());
+    let s = 1.0 / (1.0 + fast_exp(-z));
     (x_hat, g * s * (1.0 + z * (1.0 - s)))
 }
 
@@ -371,6 +388,7 @@ fn backward_cpu<T: Float>(
     dx.par_chunks_mut(n)
         .zip(partial.par_chunks_mut(2 * cpg))
         .zip(x.par_chunks(n))
+        .with_min_len(rows_per_task(n))
         .enumerate()
         .for_each(|(row, ((dx, partial), x))| {
             // The output gradient of element j (in the output's layout).
