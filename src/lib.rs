@@ -28,5 +28,6 @@ pub mod eval;
 pub mod interrupt;
 pub mod io;
 pub mod model;
+pub mod opcount;
 pub mod rng;
 pub mod train;

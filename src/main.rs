@@ -1,6 +1,11 @@
 use std::process::ExitCode;
 
 use cxrgen::interrupt::{self, Interrupted};
+use cxrgen::opcount::CountingAllocator;
+
+/// Counts tensor operations for `cxrgen bench` (see `cxrgen::opcount`).
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 fn main() -> ExitCode {
     if let Err(err) = interrupt::install() {

@@ -247,6 +247,9 @@ fn bench_reports_each_batch_size_and_a_training_step_of_each_stage() {
             row["ms_per_image"].as_f64().unwrap(),
         );
         assert!(step > 0.0 && decode > 0.0, "{row}");
+        // Counted by the binary's allocator: the CPU runs one U-Net pass per image.
+        let ops = row["ops_per_step"].as_u64().unwrap();
+        assert!(ops > 100 * b, "{row}");
         // Per image: 20 steps of the batch shared by its images, plus decoding.
         assert!(
             (image - (20.0 * step / b as f64 + decode)).abs() < 1e-6 * image,
@@ -266,6 +269,7 @@ fn bench_reports_each_batch_size_and_a_training_step_of_each_stage() {
         assert_eq!(t["precision"], "f32", "{t}");
         assert!(t["ms_per_optimizer_step"].as_f64().unwrap() > 0.0, "{t}");
         assert!(t["peak_mib"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["ops_per_micro_batch"].as_u64().unwrap() > 100, "{t}");
     }
 }
 
@@ -284,7 +288,9 @@ fn check_device_compares_with_the_cpu() {
     let v = json_of(&out);
     assert_eq!(v["ok"], true);
     let checks = v["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 5);
+    // The four model rows, the CUDA-graph row, then nine fused kernels × (F32, F16) × (output,
+    // gradients).
+    assert_eq!(checks.len(), 5 + 9 * 2 * 2);
     for c in checks {
         assert_eq!(c["max_abs"], 0.0, "{c}");
     }

@@ -135,18 +135,19 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     )?;
     writeln!(
         out,
-        "{:>6} {:>10} {:>14} {:>12} {:>10} {:>12}",
+        "{:>6} {:>10} {:>14} {:>12} {:>10} {:>12} {:>10}",
         "batch",
         "ms/step",
         "decode ms/img",
         format!("ms/img@{}", req.steps),
         "img/s",
-        "peak MiB"
+        "peak MiB",
+        "ops/step"
     )?;
     for r in &sampling {
         writeln!(
             out,
-            "{:>6} {:>10.1} {:>14.1} {:>12.1} {:>10.2} {:>12}",
+            "{:>6} {:>10.1} {:>14.1} {:>12.1} {:>10.2} {:>12} {:>10}",
             r["batch"].as_u64().unwrap_or(0),
             r["ms_per_step"].as_f64().unwrap_or(f64::NAN),
             r["decode_ms_per_image"].as_f64().unwrap_or(f64::NAN),
@@ -155,6 +156,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             r["peak_mib"]
                 .as_f64()
                 .map_or("n/a".into(), |m| format!("{m:.0}")),
+            ops_text(&r["ops_per_step"]),
         )?;
     }
     for r in sampling.iter().filter(|r| r.get("cuda_graph").is_some()) {
@@ -163,11 +165,12 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     for t in training.iter().chain(&training_vae) {
         writeln!(
             out,
-            "training ({}): batch {} × accumulation {}, checkpointing {}, {}: {:.1} ms per micro-batch, {:.1} ms per optimizer step, peak {} MiB",
+            "training ({}): batch {} × accumulation {}, checkpointing {}, {}: {:.1} ms per micro-batch, {:.1} ms per optimizer step, peak {} MiB, {} tensor ops per micro-batch",
             t["stage"].as_str().unwrap_or("?"), t["batch"], t["accumulation"], t["checkpointing"], t["precision"].as_str().unwrap_or("?"),
             t["ms_per_micro_batch"].as_f64().unwrap_or(f64::NAN),
             t["ms_per_optimizer_step"].as_f64().unwrap_or(f64::NAN),
             t["peak_mib"].as_f64().map_or("n/a".into(), |m| format!("{m:.0}")),
+            ops_text(&t["ops_per_micro_batch"]),
         )?;
     }
     if let Some(rows) = kernels {
@@ -218,6 +221,11 @@ fn write_graph_row(out: &mut impl Write, row: &serde_json::Value) -> Result<()> 
         g["max_abs_vs_eager"].as_f64().unwrap_or(f64::NAN),
     )?;
     Ok(())
+}
+
+/// An op count for the table: "n/a" when it was not counted.
+fn ops_text(ops: &serde_json::Value) -> String {
+    ops.as_u64().map_or("n/a".into(), |n| n.to_string())
 }
 
 /// 3×3 convolutions of the U-Net's and the VAE's sizes, forward and backward, through candle's
@@ -304,6 +312,7 @@ fn sampling_rows(
         let seeds: Vec<u64> = (0..b as u64).collect();
         // Warm-up: kernels compiled, memory pools filled.
         diffusion.sample(&nets, &cond, &seeds, &opts(1), GUIDANCE, &mut |_| {})?;
+        let ops = step_ops(&diffusion, &nets, &cond, &seeds)?;
         crate::device::reset_peak(device);
         let (latents, denoise) = time(device, || {
             diffusion.denoise(
@@ -323,6 +332,7 @@ fn sampling_rows(
             "batch": b, "ms_per_step": step, "decode_ms_per_image": decode,
             "ms_per_image": per_image, "images_per_s": 1e3 / per_image,
             "peak_mib": crate::device::peak_memory_mib(device),
+            "ops_per_step": ops,
         });
         if req.cuda_graph {
             let opts = opts(req.repeats);
@@ -377,6 +387,46 @@ fn graph_sampling(
         "allocations": stats.map(|s| s.allocations),
         "graph_memory_mib": crate::cuda_graph::graph_memory_mib(device),
     }))
+}
+
+/// Tensor operations (≈ kernel launches on CUDA, see [`crate::opcount`]) of one guided DDIM
+/// step for `seeds`, counting the sampler's setup (the initial noise: one op per image); None
+/// when the counting allocator is not installed.
+fn step_ops(
+    diffusion: &LatentDiffusion,
+    nets: &Networks,
+    cond: &Conditioning,
+    seeds: &[u64],
+) -> Result<Option<usize>> {
+    let opts = SamplerOptions {
+        kind: SamplerKind::Ddim,
+        steps: 1,
+        eta: 0.0,
+    };
+    let (_, ops) = crate::opcount::count(|| {
+        diffusion.denoise(nets, cond, seeds, &opts, GUIDANCE, &mut |_| {})
+    })?;
+    Ok(ops)
+}
+
+/// Tensor operations of one micro-batch's loss and backward pass (see [`step_ops`]).
+fn micro_batch_ops(
+    objective: &dyn Objective,
+    batch: &[usize],
+    rng: &mut Rng,
+    loss_scale: f64,
+) -> Result<Option<usize>> {
+    let (_, ops) = crate::opcount::count(|| -> Result<()> {
+        let loss = objective.loss(batch, rng)?.total;
+        let loss = if loss_scale == 1.0 {
+            loss
+        } else {
+            (loss * loss_scale)?
+        };
+        drop(objective.backward(&loss)?);
+        Ok(())
+    })?;
+    Ok(ops)
 }
 
 /// Random pixels in [−1, 1] for train-vae's loss: speed and memory do not depend on the images.
@@ -469,6 +519,12 @@ fn time_training(
     let mut stepper = Stepper::new(weights, opt, None)?;
     let batches = vec![(0..run.batch_size).collect::<Vec<usize>>(); run.grad_accumulation];
     let mut scaler = precision.needs_loss_scaling().then(LossScaler::default);
+    let ops = micro_batch_ops(
+        objective,
+        &batches[0],
+        &mut Rng::new(8),
+        scaler.map_or(1.0, |s| s.scale),
+    )?;
     let mut rng = Rng::new(7);
     let mut step = |stepper: &mut Stepper| -> Result<()> {
         loop {
@@ -514,5 +570,6 @@ fn time_training(
         "ms_per_micro_batch": per_step / run.grad_accumulation as f64,
         "peak_mib": crate::device::peak_memory_mib(device),
         "loss_scale": scaler.map(|s| s.scale),
+        "ops_per_micro_batch": ops,
     }))
 }

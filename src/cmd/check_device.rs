@@ -1,7 +1,8 @@
 //! `cxrgen check-device`: does a device compute what the CPU computes? The same weights and
 //! inputs through the VAE, the U-Net, one training step's gradients and a 10-step guided DDIM
-//! sample, on the CPU and on `--device`, in F32; each difference against a tolerance. And on the
-//! device alone: the guided step replayed from a CUDA graph against the same step run eagerly.
+//! sample, on the CPU and on `--device`, in F32; then each fused kernel forward and backward in
+//! F32 and F16; each difference against a tolerance. And on the device alone: the guided step
+//! replayed from a CUDA graph against the same step run eagerly.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -224,6 +225,15 @@ fn graph_row(replay: Result<Replay>) -> Result<serde_json::Value> {
     })
 }
 
+/// The fused kernels (`crate::model::kernels`) on the device against the CPU, each op forward and
+/// backward in F32 and F16, as rows of the table.
+fn kernel_rows(device: &Device) -> Result<Vec<serde_json::Value>> {
+    crate::model::kernels::device_check::comparisons(device)?
+        .into_iter()
+        .map(|c| row(&c.name, &c.reference, &c.tested, c.tolerance))
+        .collect()
+}
+
 pub fn run(req: &Request) -> Result<ExitCode> {
     let mut cfg = Config::load(&req.config)?;
     super::use_random_text_encoder(&mut cfg);
@@ -283,6 +293,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     if let Some(replay) = tested.replay {
         results.push(graph_row(replay)?);
     }
+    results.extend(kernel_rows(&device)?);
     let all_ok = results.iter().all(|r| r["ok"] == true);
     let name = crate::device::name(&device);
     let mut out = Stdout::lock();
@@ -293,7 +304,11 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             json!({"config": req.config, "device": name, "checks": results, "ok": all_ok})
         )?;
     } else {
-        writeln!(out, "# {name} against the CPU, config {}, F32", req.config)?;
+        writeln!(
+            out,
+            "# {name} against the CPU, config {}, F32 (fused kernels: F32 and F16)",
+            req.config
+        )?;
         writeln!(
             out,
             "{:<22} {:>12} {:>12} {:>10}  ok",

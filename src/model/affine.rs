@@ -8,21 +8,12 @@
 //! gradients from an F32 copy of the output gradient.
 
 use candle_core::backend::BackendStorage;
-use candle_core::op::{Add, Mul};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::op::Add;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// `x + b`, with `b` [C] broadcast along dimension `axis` of `x`.
 pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
     x.apply_op2(&bias.to_dtype(x.dtype())?, BiasAdd { axis })
-}
-
-/// `x · w + b`, with `w`, `b` [C] broadcast along dimension `axis` of `x`.
-pub fn scale_shift(x: &Tensor, weight: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
-    x.apply_op3(
-        &weight.to_dtype(x.dtype())?,
-        &bias.to_dtype(x.dtype())?,
-        ScaleShift { axis },
-    )
 }
 
 /// The layout that reads a [C] parameter as if it had `x`'s shape: stride 0 except along `axis`.
@@ -41,7 +32,7 @@ fn broadcast(param: &Layout, x: &Layout, axis: usize) -> Result<Layout> {
 }
 
 /// Sum of `g` over every dimension but `axis`, in F32, as [C] in `dtype`.
-fn sum_except(g: &Tensor, axis: usize, dtype: DType) -> Result<Tensor> {
+pub(crate) fn sum_except(g: &Tensor, axis: usize, dtype: DType) -> Result<Tensor> {
     let dims = g.dims();
     let before: usize = dims[..axis].iter().product();
     let after: usize = dims[axis + 1..].iter().product();
@@ -51,13 +42,6 @@ fn sum_except(g: &Tensor, axis: usize, dtype: DType) -> Result<Tensor> {
         .sum(2)?
         .sum(0)?
         .to_dtype(dtype)
-}
-
-/// A [C] parameter reshaped to broadcast along `axis` of a rank-`rank` tensor.
-fn as_channels(p: &Tensor, axis: usize, rank: usize) -> Result<Tensor> {
-    let mut shape = vec![1; rank];
-    shape[axis] = p.dim(0)?;
-    p.reshape(shape)
 }
 
 struct BiasAdd {
@@ -109,77 +93,6 @@ impl CustomOp2 for BiasAdd {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((
             Some(grad.clone()),
-            Some(sum_except(grad, self.axis, b.dtype())?),
-        ))
-    }
-}
-
-struct ScaleShift {
-    axis: usize,
-}
-
-fn scale_shift_fwd<S: BackendStorage>(
-    axis: usize,
-    (x, xl): (&S, &Layout),
-    (w, wl): (&S, &Layout),
-    (b, bl): (&S, &Layout),
-) -> Result<(S, Shape)> {
-    let scaled = x.binary_impl::<Mul>(w, xl, &broadcast(wl, xl, axis)?)?;
-    let contiguous = Layout::contiguous(xl.shape());
-    let out = scaled.binary_impl::<Add>(b, &contiguous, &broadcast(bl, xl, axis)?)?;
-    Ok((out, xl.shape().clone()))
-}
-
-impl CustomOp3 for ScaleShift {
-    fn name(&self) -> &'static str {
-        "scale-shift-f32-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        scale_shift_fwd(self.axis, (x, xl), (w, wl), (b, bl))
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        scale_shift_fwd(self.axis, (x, xl), (w, wl), (b, bl))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached, as in conv.rs: the scale's gradient must not keep x·grad alive to the end of
-        // the backward pass through a recorded op.
-        let (x, w) = (x.detach(), w.detach());
-        let rank = x.rank();
-        let grad_x = grad.broadcast_mul(&as_channels(&w, self.axis, rank)?)?;
-        let grad_w = sum_except(
-            &(grad.to_dtype(DType::F32)? * x.to_dtype(DType::F32)?)?,
-            self.axis,
-            w.dtype(),
-        )?;
-        Ok((
-            Some(grad_x),
-            Some(grad_w),
             Some(sum_except(grad, self.axis, b.dtype())?),
         ))
     }

@@ -1,13 +1,15 @@
-//! Attention: the scaled dot-product kernel (chunked over queries, masked), multi-head self- and
-//! cross-attention, the transformer block of the U-Net and the single-head spatial attention of
-//! the VAE.
+//! Attention: multi-head self- and cross-attention (forward through the fused op of
+//! [`super::kernels::attention`]), the scaled dot-product per head in tensor ops (chunked over
+//! queries, masked: the backward pass of both, and the forward pass of heads wider than the CUDA
+//! kernel takes), the transformer block of the U-Net and the single-head spatial attention of the
+//! VAE.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::layers::{
-    from_tokens, group_norm, linear, linear_no_bias, to_tokens, GroupNorm, LayerNorm, Linear,
-};
+use super::kernels::attention as fused;
+use super::kernels::geglu::geglu;
+use super::layers::{group_norm, linear, linear_no_bias, GroupNorm, LayerNorm, Linear, Residual};
 use super::precomputed::Precomputed;
 use super::resnet::NORM_EPS;
 
@@ -159,7 +161,21 @@ impl CustomOp3 for AttentionBackward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = &self.chunks;
+        let (dq, dk, dv) = self.chunks.backward(q, k, v, grad)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl Chunks {
+    /// The gradients of q, k and v ([N, L, d]) from the output's, chunk by chunk (see
+    /// [`AttentionBackward`]).
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
         let dtype = q.dtype();
         let vt = v.t()?.contiguous()?;
@@ -167,24 +183,80 @@ impl CustomOp3 for AttentionBackward {
         let mut dk = Tensor::zeros(k.shape(), DType::F32, k.device())?;
         let mut dv = Tensor::zeros(v.shape(), DType::F32, v.device())?;
         let mut dq = Vec::new();
-        for (start, len) in c.ranges() {
+        for (start, len) in self.ranges() {
             let qc = q.narrow(1, start, len)?;
             let gc = grad.narrow(1, start, len)?.contiguous()?;
-            let p = c.probabilities(&qc)?;
+            let p = self.probabilities(&qc)?;
             dv = (dv + p.to_dtype(dtype)?.t()?.matmul(&gc)?.to_dtype(DType::F32)?)?;
             let dp = gc.matmul(&vt)?.to_dtype(DType::F32)?;
             let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-            let ds = ((p * dp.broadcast_sub(&row)?)? * c.scale)?.to_dtype(dtype)?;
+            let ds = ((p * dp.broadcast_sub(&row)?)? * self.scale)?.to_dtype(dtype)?;
             dq.push(ds.matmul(&k)?);
             dk = (dk + ds.t()?.matmul(&qc.contiguous()?)?.to_dtype(DType::F32)?)?;
         }
-        let dq = Tensor::cat(&dq, 1)?;
         Ok((
-            Some(dq),
-            Some(dk.to_dtype(k.dtype())?),
-            Some(dv.to_dtype(v.dtype())?),
+            Tensor::cat(&dq, 1)?,
+            dk.to_dtype(k.dtype())?,
+            dv.to_dtype(v.dtype())?,
         ))
     }
+}
+
+/// [B, L, heads·d] → [B·heads, L, d]
+fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, c) = xs.dims3()?;
+    xs.reshape((b, l, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * heads, l, c / heads))
+}
+
+/// [B·heads, L, d] → [B, L, heads·d], the inverse of [`split_heads`].
+fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (n, l, d) = xs.dims3()?;
+    xs.reshape((n / heads, heads, l, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n / heads, l, heads * d))
+}
+
+/// The padding bias [B, 1, M] for each head: [B·heads, 1, M].
+fn head_bias(bias: Option<&Tensor>, heads: usize) -> Result<Option<Tensor>> {
+    bias.map(|bias| {
+        let (b, _, m) = bias.dims3()?;
+        bias.unsqueeze(1)?
+            .broadcast_as((b, heads, 1, m))?
+            .contiguous()?
+            .reshape((b * heads, 1, m))
+    })
+    .transpose()
+}
+
+/// The gradients of multi-head attention's `q` [B, Lq, heads·d], `k` and `v` [B, Lk, heads·d]
+/// (padding `bias` [B, 1, Lk]) from the output's [B, Lq, heads·d]: the chunked backward pass of
+/// each head, recomputing its probabilities.
+pub(crate) fn multi_head_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let split = |t: &Tensor| split_heads(&t.detach(), heads);
+    let (qh, kh) = (split(q)?, split(k)?);
+    let chunks = Chunks::new(
+        &qh,
+        &kh,
+        head_bias(bias, heads)?.as_ref(),
+        MAX_SCORE_ELEMENTS,
+    )?;
+    let (dq, dk, dv) = chunks.backward(&qh, &kh, &split(v)?, &split(grad)?)?;
+    Ok((
+        merge_heads(&dq, heads)?,
+        merge_heads(&dk, heads)?,
+        merge_heads(&dv, heads)?,
+    ))
 }
 
 /// Multi-head attention; self-attention when no context is given.
@@ -210,46 +282,44 @@ impl Attention {
         })
     }
 
-    /// [B, L, C] → [B·heads, L, C/heads]
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, l, c) = xs.dims3()?;
-        xs.reshape((b, l, self.heads, c / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * self.heads, l, c / self.heads))
+    /// `xs`: [B, L, C]; `context`: [B, M, D] (None: self-attention); `bias`: [B, 1, M] from
+    /// [`padding_bias`] → the attention plus `residual`: [B, L, C], or for [`Residual::Map`] the
+    /// feature map [B, C, H, W] (L = H·W). The output projection's bias and the residual are
+    /// added in one op.
+    pub fn forward_add(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        residual: Residual,
+    ) -> Result<Tensor> {
+        self.to_out
+            .forward_add(&self.attend(xs, context, bias)?, residual)
     }
 
-    /// `xs`: [B, L, C]; `context`: [B, M, D] (None: self-attention); `bias`: [B, 1, M] from
-    /// [`padding_bias`] → [B, L, C].
-    pub fn forward(
+    /// The heads' outputs before the output projection: [B, L, C].
+    fn attend(
         &self,
         xs: &Tensor,
         context: Option<&Tensor>,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, l, c) = xs.dims3()?;
         let ctx = context.unwrap_or(xs);
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let bias = match bias {
-            Some(bias) => {
-                let m = bias.dim(2)?;
-                Some(
-                    bias.unsqueeze(1)?
-                        .broadcast_as((b, self.heads, 1, m))?
-                        .contiguous()?
-                        .reshape((b * self.heads, 1, m))?,
-                )
-            }
-            None => None,
-        };
-        let out = scaled_dot_product(&q, &k, &v, bias.as_ref())?
-            .reshape((b, self.heads, l, c / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, l, c))?;
-        self.to_out.forward(&out)
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let heads = self.heads;
+        if fused::supported(xs.device(), q.dim(2)? / heads) {
+            fused::attention(&q, &k, &v, heads, bias)
+        } else {
+            let (q, k, v) = (
+                split_heads(&q, heads)?,
+                split_heads(&k, heads)?,
+                split_heads(&v, heads)?,
+            );
+            let bias = head_bias(bias, heads)?;
+            merge_heads(&scaled_dot_product(&q, &k, &v, bias.as_ref())?, heads)
+        }
     }
 }
 
@@ -269,14 +339,14 @@ impl FeedForward {
     }
 }
 
-impl Module for FeedForward {
-    /// [B, L, C] → [B, L, C]
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(xs)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let gated =
-            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
-        self.proj_out.forward(&gated)
+impl FeedForward {
+    /// `xs` [B, L, C] → the feed-forward of xs plus `residual` [B, L, C], the last bias and the
+    /// residual added in one op.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.proj_out.forward_add(
+            &geglu(&self.proj_in.forward(xs)?)?,
+            Residual::Same(residual),
+        )
     }
 }
 
@@ -311,12 +381,16 @@ impl TransformerBlock {
 
     /// `xs`: [B, L, C], `context`: [B, M, D], `bias`: [B, 1, M] → [B, L, C]
     pub fn forward(&self, xs: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, None)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context), bias)?
-            + &xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + &xs
+        let xs =
+            self.attn1
+                .forward_add(&self.norm1.forward(xs)?, None, None, Residual::Same(xs))?;
+        let xs = self.attn2.forward_add(
+            &self.norm2.forward(&xs)?,
+            Some(context),
+            bias,
+            Residual::Same(&xs),
+        )?;
+        self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -355,10 +429,9 @@ impl SpatialTransformer {
 
     /// `xs`: [B, C, H, W], `context`: [B, M, D], `bias`: [B, 1, M] → [B, C, H, W]
     pub fn forward(&self, xs: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        let tokens = self.proj_in.forward(&to_tokens(&self.norm.forward(xs)?)?)?;
+        let tokens = self.proj_in.forward(&self.norm.forward_to_tokens(xs)?)?;
         let tokens = self.block.forward(&tokens, context, bias)?;
-        from_tokens(&self.proj_out.forward(&tokens)?, h, w)? + xs
+        self.proj_out.forward_add(&tokens, Residual::Map(xs))
     }
 }
 
@@ -381,14 +454,15 @@ impl SpatialSelfAttention {
 impl Module for SpatialSelfAttention {
     /// [B, C, H, W] → [B, C, H, W]
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        let tokens = to_tokens(&self.norm.forward(xs)?)?;
-        from_tokens(&self.attn.forward(&tokens, None, None)?, h, w)? + xs
+        let tokens = self.norm.forward_to_tokens(xs)?;
+        self.attn
+            .forward_add(&tokens, None, None, Residual::Map(xs))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::kernels::testing::{outputs_and_gradients, worst_relative};
     use super::*;
     use candle_core::Device;
 
@@ -423,26 +497,8 @@ mod tests {
         attend: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
         (q, k, v, r): (&Tensor, &Tensor, &Tensor, &Tensor),
     ) -> Result<Vec<Tensor>> {
-        let vars = [q, k, v].map(|t| candle_core::Var::from_tensor(t).unwrap());
-        let out = attend(
-            vars[0].as_tensor(),
-            vars[1].as_tensor(),
-            vars[2].as_tensor(),
-        )?;
-        let grads = (out.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
-        vars.iter()
-            .map(|x| grads.get(x.as_tensor()).unwrap().to_dtype(DType::F32))
-            .collect()
-    }
-
-    /// Largest difference relative to the largest entry of `want`, over the pairs.
-    fn worst(got: &[Tensor], want: &[Tensor]) -> Result<f32> {
-        let mut worst = 0f32;
-        for (g, w) in got.iter().zip(want) {
-            let d = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            worst = worst.max(d / w.abs()?.max_all()?.to_scalar::<f32>()?);
-        }
-        Ok(worst)
+        let all = outputs_and_gradients(&|t| attend(&t[0], &t[1], &t[2]), &[q, k, v], r)?;
+        Ok(all[1..].to_vec())
     }
 
     #[test]
@@ -462,7 +518,7 @@ mod tests {
             // One chunk, and chunks of 3, 3 and 1 query rows.
             for max_scores in [1 << 20, 3 * n * lk] {
                 let got = gradients(|q, k, v| chunked(q, k, v, b, max_scores), inputs)?;
-                let err = worst(&got, &want)?;
+                let err = worst_relative(&got, &want)?;
                 assert!(err < 1e-5, "{err} with {max_scores} scores per chunk");
             }
         }
@@ -473,7 +529,7 @@ mod tests {
             |q, k, v| chunked(q, k, v, None, 3 * n * lk),
             (&half(&q)?, &half(&k)?, &half(&v)?, &r),
         )?;
-        let err = worst(&got, &want)?;
+        let err = worst_relative(&got, &want)?;
         assert!(err < 5e-3, "f16: {err}");
         Ok(())
     }

@@ -2,12 +2,13 @@
 //! correctly: gradients that candle's fused kernels would cut are kept, and under mixed precision
 //! normalisation statistics and parameter-gradient sums stay in F32 ([`super::affine`]).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
-use super::affine::{add_bias, scale_shift};
+use super::affine::add_bias;
 use super::conv::conv2d as conv2d_op;
-use super::standardize::standardize;
+use super::kernels::bias::{add_bias_residual, add_bias_residual_from_tokens};
+use super::kernels::norm;
 
 /// A 2-D convolution; the weight and the bias are cast to the input's dtype.
 #[derive(Debug, Clone)]
@@ -33,14 +34,30 @@ pub fn conv2d(
     })
 }
 
-impl Module for Conv2d {
-    /// [B, C_in, H, W] → [B, C_out, H', W'] in the input's dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl Conv2d {
+    /// The convolution without its bias: [B, C_in, H, W] → [B, C_out, H', W'].
+    fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
         let c = &self.config;
         if c.dilation != 1 || c.groups != 1 {
             candle_core::bail!("Conv2d supports dilation 1 and one group, not {c:?}");
         }
-        let y = conv2d_op(xs, &self.weight.to_dtype(xs.dtype())?, c.padding, c.stride)?;
+        conv2d_op(xs, &self.weight.to_dtype(xs.dtype())?, c.padding, c.stride)
+    }
+
+    /// `forward(xs) + residual` ([B, C_out, H', W']), the bias and the residual added in one op.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let y = self.convolve(xs)?;
+        match &self.bias {
+            Some(b) => add_bias_residual(&y, b, 1, residual),
+            None => y + residual,
+        }
+    }
+}
+
+impl Module for Conv2d {
+    /// [B, C_in, H, W] → [B, C_out, H', W'] in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let y = self.convolve(xs)?;
         match &self.bias {
             Some(b) => add_bias(&y, b, 1),
             None => Ok(y),
@@ -73,20 +90,47 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
     })
 }
 
-impl Module for Linear {
-    /// [..., in] → [..., out] in the input's dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// The product without the bias: [..., in] → [..., out].
+    fn multiply(&self, xs: &Tensor) -> Result<Tensor> {
         let w = self.weight.to_dtype(xs.dtype())?;
         let dims = xs.dims();
         let (rows, k) = (xs.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
         let mut out_shape = dims.to_vec();
         *out_shape.last_mut().expect("rank ≥ 1") = w.dim(0)?;
         // One 2-D matmul: a broadcast batched matmul is much slower on CPU and CUDA.
-        let y = xs
-            .contiguous()?
+        xs.contiguous()?
             .reshape((rows, k))?
             .matmul(&w.t()?)?
-            .reshape(out_shape)?;
+            .reshape(out_shape)
+    }
+
+    /// `forward(xs)` plus `residual`, the bias and the residual added in one op: [..., out], or
+    /// for [`Residual::Map`] the feature map [B, C, H, W] of token outputs [B, H·W, C].
+    pub fn forward_add(&self, xs: &Tensor, residual: Residual) -> Result<Tensor> {
+        let y = self.multiply(xs)?;
+        match (&self.bias, residual) {
+            (Some(b), Residual::Same(r)) => add_bias_residual(&y, b, y.rank() - 1, r),
+            (Some(b), Residual::Map(r)) => add_bias_residual_from_tokens(&y, b, r),
+            (None, Residual::Same(r)) => y + r,
+            (None, Residual::Map(r)) => y.transpose(1, 2)?.reshape(r.shape())? + r,
+        }
+    }
+}
+
+/// A residual added to a layer's output together with its bias.
+#[derive(Debug, Clone, Copy)]
+pub enum Residual<'a> {
+    /// Of the output's shape.
+    Same(&'a Tensor),
+    /// A feature map [B, C, H, W] for an output of tokens [B, H·W, C]: the sum is a feature map.
+    Map(&'a Tensor),
+}
+
+impl Module for Linear {
+    /// [..., in] → [..., out] in the input's dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let y = self.multiply(xs)?;
         match &self.bias {
             Some(b) => add_bias(&y, b, y.rank() - 1),
             None => Ok(y),
@@ -113,25 +157,20 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     })
 }
 
-impl Module for GroupNorm {
-    /// [B, C, ...] → [B, C, ...] in the input's dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims();
-        let (b, c) = (dims[0], dims[1]);
-        if c != self.weight.dim(0)? || c % self.groups != 0 {
-            candle_core::bail!(
-                "GroupNorm of {} channels in {} groups got input {dims:?}",
-                self.weight.dim(0)?,
-                self.groups
-            );
-        }
-        let normed = standardize(xs, b * self.groups, self.eps)?;
-        scale_shift(&normed, &self.weight, &self.bias, 1)
+impl GroupNorm {
+    /// [B, C, ...] → [B, C, ...] in the input's dtype: the norm followed by SiLU, in one kernel.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, true)
+    }
+
+    /// [B, C, H, W] → [B, H·W, C]: the norm of a feature map as tokens, in one kernel.
+    pub fn forward_to_tokens(&self, xs: &Tensor) -> Result<Tensor> {
+        norm::group_norm_to_tokens(xs, &self.weight, &self.bias, self.groups, self.eps)
     }
 }
 
-/// LayerNorm written with differentiable primitives, its statistics in F32 whatever the input's
-/// precision.
+/// LayerNorm, one fused kernel with a backward pass ([`norm`]), its statistics in F32 whatever
+/// the input's precision.
 ///
 /// `candle_nn::LayerNorm` dispatches to a fused kernel without a backward pass on contiguous input
 /// (see CANDLE-NOTES.md), so a trainable LayerNorm must not use it.
@@ -155,22 +194,8 @@ impl LayerNorm {
 impl Module for LayerNorm {
     /// `xs`: [..., dim] → [..., dim], normalised over the last dimension.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dim = xs.dim(D::Minus1)?;
-        let normed = standardize(xs, xs.elem_count() / dim, self.eps)?;
-        scale_shift(&normed, &self.weight, &self.bias, xs.rank() - 1)
+        norm::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
-}
-
-/// [B, C, H, W] → [B, H·W, C]: image features as a token sequence.
-pub fn to_tokens(xs: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = xs.dims4()?;
-    xs.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
-}
-
-/// [B, H·W, C] → [B, C, H, W], the inverse of [`to_tokens`].
-pub fn from_tokens(xs: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-    let (b, _, c) = xs.dims3()?;
-    xs.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))
 }
 
 #[cfg(test)]
@@ -203,17 +228,6 @@ mod tests {
             assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         }
         assert!(grads.get(&x).is_some());
-        Ok(())
-    }
-
-    #[test]
-    fn tokens_round_trip() -> Result<()> {
-        let x = Tensor::arange(0f32, 2. * 3. * 4. * 5., &Device::Cpu)?.reshape((2, 3, 4, 5))?;
-        let t = to_tokens(&x)?;
-        assert_eq!(t.dims(), &[2, 20, 3]);
-        let back = from_tokens(&t, 4, 5)?;
-        let diff = (back - x)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0);
         Ok(())
     }
 }

@@ -71,20 +71,20 @@ impl ResBlock {
         })
     }
 
-    /// `xs`: [B, C_in, H, W], `temb`: [B, T] when the block has a time projection
+    /// `xs`: [B, C_in, H, W], `temb`: [B, T] when the block has a time projection: the time
+    /// embedding after its SiLU (taken once for all blocks by the caller)
     /// → [B, C_out, H', W'] with H' = H/2 when `down`, else H.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
-                let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                let t = proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?;
                 h = h.broadcast_add(&t)?;
             }
             (None, None) => {}
             (Some(_), None) => candle_core::bail!("ResBlock: time embedding expected"),
             (None, Some(_)) => candle_core::bail!("ResBlock: built without a time projection"),
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         let mut skip = if self.down {
             xs.avg_pool2d(2)?
         } else {
@@ -93,6 +93,6 @@ impl ResBlock {
         if let Some(conv) = &self.conv_shortcut {
             skip = conv.forward(&skip)?;
         }
-        skip + h
+        self.conv2.forward_add(&self.norm2.forward_silu(&h)?, &skip)
     }
 }

@@ -238,9 +238,11 @@ impl UNet {
         let xs = &xs.to_dtype(self.dtype)?;
         let context = &context.to_dtype(self.dtype)?;
         let temb = timestep_embedding(timesteps, self.base_channels)?.to_dtype(self.dtype)?;
+        // Every ResBlock's time projection reads SiLU(temb): taken once here.
         let temb = self
             .time_linear_2
-            .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
+            .forward(&self.time_linear_1.forward(&temb)?.silu()?)?
+            .silu()?;
 
         let ckpt = self.checkpoint.as_ref();
         let mut h = self.conv_in.forward(xs)?;
@@ -270,7 +272,7 @@ impl UNet {
             }
         }
         self.conv_out
-            .forward(&self.norm_out.forward(&h)?.silu()?)?
+            .forward(&self.norm_out.forward_silu(&h)?)?
             .to_dtype(DType::F32)
     }
 }

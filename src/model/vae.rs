@@ -113,7 +113,7 @@ impl Encoder {
         for s in &self.stages {
             h = s.forward(&h, ckpt)?;
         }
-        let moments = self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?;
+        let moments = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
         let c = moments.dim(1)? / 2;
         Ok(DiagonalGaussian {
             mean: moments.narrow(1, 0, c)?,
@@ -166,7 +166,7 @@ impl Decoder {
             }
             h = s.forward(&h, ckpt)?;
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

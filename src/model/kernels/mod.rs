@@ -1,0 +1,272 @@
+//! Fused kernels: sequences of tensor ops done in one pass, each a candle custom op with a CPU
+//! implementation (Rust, rayon) and a CUDA one (the `.cu` files beside this one, compiled to PTX
+//! by `build.rs` when the `cuda` feature is on). Inputs in F32, F16 or BF16; arithmetic in F32.
+//!
+//! Each op replaces several candle ops, each of which is a kernel launch on CUDA and a pass over
+//! memory on the CPU (`cxrgen bench` counts them, see [`crate::opcount`]).
+
+pub mod attention;
+pub mod bias;
+pub mod device_check;
+pub mod geglu;
+pub mod norm;
+#[cfg(test)]
+pub(crate) mod testing;
+
+use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
+use half::{bf16, f16};
+
+/// A storage type the kernels read and write, converted to and from F32 for the arithmetic.
+pub(crate) trait Float: WithDType {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+
+    /// The elements as F32 without a copy, when they are F32.
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+
+    /// F32 results in this type (no copy for F32).
+    fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
+        v.into_iter().map(Self::from_f32).collect()
+    }
+}
+
+impl Float for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
+        v
+    }
+}
+
+/// F16 and BF16 through `half`'s conversions.
+macro_rules! half_float {
+    ($t:ty) => {
+        impl Float for $t {
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline(always)]
+            fn from_f32(v: f32) -> Self {
+                <$t>::from_f32(v)
+            }
+        }
+    };
+}
+half_float!(f16);
+half_float!(bf16);
+
+/// e^x to about one unit in the last place (Cephes' `expf`: x = n·ln 2 + r, a degree-6
+/// polynomial for e^r, 2^n from the exponent bits), 0 below −87.33 and for −∞. Written without
+/// branches or library calls so that loops over slices of it vectorise: the softmax and SiLU
+/// passes spent most of their time in libm's scalar `expf`.
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so that n · LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    // e^−87.33 is just above the smallest normal number.
+    let tiny = x < -87.33;
+    let x = x.clamp(-87.33, 88.7);
+    // t = 1.5 · 2^23 + n exactly, so n is also in t's low mantissa bits.
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
+    // Near and below the smallest normal number the result is flushed to 0.
+    if tiny {
+        0.0
+    } else {
+        e_r * scale
+    }
+}
+
+/// Calls `$f::<T>($args)` with `T` the Rust type of `$dtype` (F32, F16 or BF16), or fails
+/// naming `$op`.
+macro_rules! float_dispatch {
+    ($dtype:expr, $op:expr, $f:ident($($args:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($args),*),
+            candle_core::DType::F16 => $f::<half::f16>($($args),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($args),*),
+            other => candle_core::bail!("{}: F32, F16 or BF16 input expected, not {other:?}", $op),
+        }
+    };
+}
+pub(crate) use float_dispatch;
+
+/// The elements of a contiguous CPU tensor.
+pub(crate) fn cpu_slice<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input is not contiguous")))?;
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+/// Fails unless every tensor has `dtype`, naming `op`.
+pub(crate) fn same_dtype(op: &str, dtype: DType, others: &[DType]) -> Result<()> {
+    match others.iter().find(|d| **d != dtype) {
+        Some(d) => {
+            candle_core::bail!("{op}: inputs of one dtype expected, got {dtype:?} and {d:?}")
+        }
+        None => Ok(()),
+    }
+}
+
+/// Launching our PTX kernels through candle's CUDA device.
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
+    use candle_core::cuda::{CudaDType, CudaDevice};
+    use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
+
+    /// One compiled `.cu` file.
+    pub struct Module {
+        pub name: &'static str,
+        pub ptx: &'static str,
+    }
+
+    pub const NORM: Module = Module {
+        name: "cxrgen_norm",
+        ptx: include_str!(concat!(env!("OUT_DIR"), "/norm.ptx")),
+    };
+    pub const ATTENTION: Module = Module {
+        name: "cxrgen_attention",
+        ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+    };
+    pub const BIAS: Module = Module {
+        name: "cxrgen_bias",
+        ptx: include_str!(concat!(env!("OUT_DIR"), "/bias.ptx")),
+    };
+    pub const GEGLU: Module = Module {
+        name: "cxrgen_geglu",
+        ptx: include_str!(concat!(env!("OUT_DIR"), "/geglu.ptx")),
+    };
+
+    /// A storage type of the kernels on CUDA: a [`super::Float`] with a device representation.
+    pub trait CudaFloat: super::Float + CudaDType + DeviceRepr {}
+    impl<T: super::Float + CudaDType + DeviceRepr> CudaFloat for T {}
+
+    /// `{kernel}_{f32|f16|bf16}`: the name of the kernel's instance for `dtype`.
+    pub fn kernel_name(kernel: &str, dtype: DType) -> Result<String> {
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => candle_core::bail!("{kernel}: no kernel for {other:?}"),
+        };
+        Ok(format!("{kernel}_{suffix}"))
+    }
+
+    /// Launches kernel `$kernel` (for `$dtype`) of module `$module` on `$dev`'s stream with
+    /// launch configuration `$cfg` and the arguments, each given as a reference (device views
+    /// and slices, or scalars bound to locals) in the order of the kernel's parameters.
+    macro_rules! launch {
+        ($dev:expr, $module:expr, $kernel:expr, $dtype:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+            use candle_core::cuda::cudarc::driver::PushKernelArg as _;
+            use candle_core::cuda::WrapErr as _;
+            let module: &$crate::model::kernels::cuda::Module = $module;
+            let name = $crate::model::kernels::cuda::kernel_name($kernel, $dtype)?;
+            let func = $dev.get_or_load_custom_func(&name, module.name, module.ptx)?;
+            let mut builder = func.builder();
+            $(builder.arg($arg);)*
+            // SAFETY: the arguments match the kernel's parameters in number, order and type, and
+            // every buffer holds the elements the launch configuration lets the kernel touch.
+            unsafe { builder.launch($cfg) }.w()?;
+        }};
+    }
+    pub(crate) use launch;
+
+    /// The elements of a contiguous CUDA tensor.
+    pub fn view<'a, T: CudaDType + WithDType>(
+        storage: &'a CudaStorage,
+        layout: &Layout,
+        op: &str,
+    ) -> Result<CudaView<'a, T>> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input is not contiguous")))?;
+        Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    /// A fresh buffer of `len` elements, every one of which the kernel about to be launched
+    /// writes.
+    pub fn output<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the caller's kernel writes every element before anything reads it.
+        unsafe { dev.alloc::<T>(len) }
+    }
+
+    /// `blocks` blocks of `threads` threads.
+    pub fn blocks(blocks: usize, threads: u32) -> Result<LaunchConfig> {
+        let blocks = u32::try_from(blocks).map_err(|_| {
+            candle_core::Error::Msg(format!("{blocks} blocks: too many for one launch"))
+        })?;
+        Ok(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    /// A grid-stride elementwise launch over `total` elements: 256 threads per block, at most
+    /// 65,535 blocks.
+    pub fn elementwise(total: u64) -> Result<LaunchConfig> {
+        blocks(total.div_ceil(256).clamp(1, 65_535) as usize, 256)
+    }
+
+    /// Threads per block for a row of `n` elements: a power of two from 32 to 1024.
+    pub fn row_threads(n: usize) -> u32 {
+        n.next_power_of_two().clamp(32, 1024) as u32
+    }
+
+    /// `n` as a kernel's u32 argument, or an error naming what it counts.
+    pub fn arg_u32(n: usize, what: &str) -> Result<u32> {
+        u32::try_from(n)
+            .map_err(|_| candle_core::Error::Msg(format!("{what} = {n} is too large for a kernel")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_exp;
+
+    #[test]
+    fn fast_exp_is_within_two_ulp_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -100.0 + i as f32 * 1e-3 * 0.94;
+            let (got, want) = (fast_exp(x) as f64, (x as f64).exp());
+            if want < 2.0 * f32::MIN_POSITIVE as f64 {
+                assert!(got < 2.0 * f32::MIN_POSITIVE as f64, "{x}: {got}");
+                continue;
+            }
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2.5e-7, "{worst}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+    }
+}
