@@ -4,7 +4,8 @@
 //! docs/architecture.md "How the code is laid out"):
 //!
 //! 0. [`config`] (YAML configs), [`io`] (files written safely, stdout, PNG, DICOM, grids, plots),
-//!    [`rng`] (seeded randomness), [`interrupt`] (Ctrl-C)
+//!    [`rng`] (seeded randomness), [`interrupt`] (Ctrl-C), [`opcount`] (tensor operations counted
+//!    by a counting allocator, for `cxrgen bench`)
 //! 1. [`device`] (`--device`, compute precision, peak and free memory), [`cuda_graph`] (a
 //!    fixed-shape step recorded once as a CUDA graph and replayed)
 //! 2. [`data`] (loaders, cleaning, splits, the cache, phantoms), [`model`] (VAE, U-Net, text

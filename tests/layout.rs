@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules by layer, lowest first.
 const LAYERS: [&[&str]; 7] = [
-    &["config", "io", "rng", "interrupt"],
+    &["config", "io", "rng", "interrupt", "opcount"],
     &["device", "cuda_graph"],
     &["data", "model", "eval"],
     &["checkpoint", "diffusion"],
