@@ -32,6 +32,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole pipeline on phantoms in minutes, with nothing to download: trains, generates one
+    /// row per finding and measures whether each prompt was followed (DIR/report.md).
+    Demo(DemoArgs),
     /// Decode, resize and clean a dataset once into the cache training reads.
     Prepare(PrepareArgs),
     /// Write procedural chest radiographs with known findings, in the Kaggle IU-CXR layout.
@@ -46,6 +49,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Evaluate a trained model on held-out images (docs/evaluation.md).
     Eval(EvalArgs),
+    /// Write what sampling needs of a trained model (EMA weights and VAE, F16 by default) as a
+    /// small checkpoint folder that generate reads.
+    Export(ExportArgs),
     /// Print the resolved config and the parameter count of each network.
     Info(InfoArgs),
     /// Time sampling (ms per step and per image) and, with --train or --train-vae, training steps.
@@ -163,6 +169,32 @@ struct PrepareArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// The folder to write: the phantoms, the runs, the images and report.md (must not exist, or
+    /// be empty).
+    #[arg(long, value_name = "DIR", default_value = "demo")]
+    out: PathBuf,
+    /// Train for seconds instead of minutes: checks that every step runs, shows nothing learnt.
+    #[arg(long)]
+    quick: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A train-diffusion run folder (its best checkpoint, else its last) or checkpoint folder.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// The new checkpoint folder (must not exist).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// What the weights are stored in.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F16)]
+    precision: PrecisionArg,
 }
 
 #[derive(Args)]
@@ -462,6 +494,12 @@ pub fn run() -> Result<ExitCode> {
             json: a.json,
             progress,
         }),
+        Command::Demo(a) => cmd::demo::run(&cmd::demo::Request {
+            out: a.out,
+            quick: a.quick,
+            device: a.device.device,
+            progress,
+        }),
         Command::Phantom(a) => cmd::phantom::run(&cmd::phantom::Request {
             out: a.out,
             n: a.n,
@@ -494,6 +532,11 @@ pub fn run() -> Result<ExitCode> {
                 a.common
                     .request(cmd::eval::Task::Generation(opts), progress)
             }
+        }),
+        Command::Export(a) => cmd::export::run(&cmd::export::Request {
+            checkpoint: a.checkpoint,
+            out: a.out,
+            precision: a.precision.into(),
         }),
         Command::CheckDevice(a) => cmd::check_device::run(&cmd::check_device::Request {
             config: a.config.config,

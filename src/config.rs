@@ -12,9 +12,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The presets compiled into the binary, by name.
-pub const PRESETS: [(&str, &str); 2] = [
+pub const PRESETS: [(&str, &str); 3] = [
     ("paper", include_str!("../configs/paper.yaml")),
     ("tiny", include_str!("../configs/tiny.yaml")),
+    ("demo", include_str!("../configs/demo.yaml")),
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

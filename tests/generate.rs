@@ -342,3 +342,78 @@ fn dicom_output_is_marked_synthetic_and_holds_the_png_pixels() {
         std::fs::remove_dir_all(x).unwrap();
     }
 }
+
+/// The mean absolute difference per pixel (0–255) of the image `name` in two folders.
+fn png_diff(a: &Path, b: &Path, name: &str) -> f64 {
+    let read = |d: &Path| image::open(d.join(name)).unwrap().to_luma8().into_raw();
+    let (x, y) = (read(a), read(b));
+    x.iter()
+        .zip(&y)
+        .map(|(&p, &q)| (p as f64 - q as f64).abs())
+        .sum::<f64>()
+        / x.len() as f64
+}
+
+#[test]
+fn an_exported_model_is_smaller_and_generates_the_same_images() {
+    let exported = dir("exported");
+    let _ = std::fs::remove_dir_all(&exported);
+    let run = ok(cxrgen(&[
+        "export",
+        "--checkpoint",
+        model().to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("MB"));
+    // What sampling needs, in F16: no optimizer state, no raw weights.
+    let mut files: Vec<String> = std::fs::read_dir(&exported)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["ema.safetensors", "state.json", "vae.safetensors"]);
+    for f in ["ema.safetensors", "vae.safetensors"] {
+        let t =
+            candle_core::safetensors::load(exported.join(f), &candle_core::Device::Cpu).unwrap();
+        assert!(
+            t.values().all(|t| t.dtype() == candle_core::DType::F16),
+            "{f}"
+        );
+    }
+    // The same images within F16 rounding of the weights.
+    let (full, half) = (dir("export-f32"), dir("export-f16"));
+    ok(generate(&full, &["--n", "1"]));
+    let mut args = vec!["generate", "--checkpoint", exported.to_str().unwrap()];
+    args.extend_from_slice(&[
+        "--prompt",
+        "Left pleural effusion.",
+        "--n",
+        "1",
+        "--seed",
+        "10",
+        "--steps",
+        "8",
+        "--out",
+        half.to_str().unwrap(),
+    ]);
+    ok(cxrgen(&args));
+    let d = png_diff(&full, &half, "cxr-00000010.png");
+    assert!(d < 2.0, "mean |difference| {d} of 255");
+
+    // An existing folder is refused and kept.
+    let again = cxrgen(&[
+        "export",
+        "--checkpoint",
+        model().to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("--out") && err.contains("already exists"),
+        "{err}"
+    );
+    assert!(exported.join("state.json").is_file());
+}

@@ -84,3 +84,37 @@ fn measured_truth_matches_drawn_truth_on_100_images() {
     assert!(loaded.records.iter().all(|r| r.image.exists()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The judge `cxrgen demo` uses (docs/demo.md): on 200 fresh 128×128 phantoms it reads the drawn
+/// finding, side included, for nearly every normal, cardiomegaly, effusion and pneumothorax image;
+/// for a consolidation at least the side.
+#[test]
+fn the_judge_reads_each_kind_of_finding_from_phantoms() {
+    use cxrgen::data::phantom::{render, Finding};
+    use cxrgen::rng::Rng;
+    let size = 128;
+    let mut per_kind: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for i in 0..200 {
+        let mut rng = Rng::new(0x5EED_0000 + i);
+        let finding = Finding::random(&mut rng);
+        let p = render(size, finding, &mut rng);
+        let m = measure(&p.pixels, size);
+        let read = match finding {
+            // The lobe is often the neighbouring one (docs/demo.md); the side is what counts here.
+            Finding::Consolidation(_) => {
+                m.consolidation.map(|l| Finding::Consolidation(l).side()) == Some(finding.side())
+            }
+            _ => m.finding() == Some(finding),
+        };
+        let e = per_kind.entry(finding.kind()).or_default();
+        e.0 += 1;
+        e.1 += usize::from(read);
+    }
+    for (kind, (n, read)) in &per_kind {
+        let least = if *kind == "consolidation" { 0.8 } else { 0.9 };
+        assert!(
+            *read as f64 >= least * *n as f64,
+            "{kind}: read {read} of {n} ({per_kind:?})"
+        );
+    }
+}

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -202,6 +202,81 @@ impl Checkpoint {
     pub fn tensors(&self, file: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
         load_tensors(&self.dir.join(file), device)
     }
+
+    /// Writes what sampling needs of this diffusion checkpoint into the new checkpoint folder
+    /// `out`: its state.json, its EMA weights and the VAE it carries, stored in `dtype` (F16
+    /// halves them; they are read back in any precision). No optimizer state and no raw weights:
+    /// the copy generates (`generate --checkpoint`), it does not resume.
+    pub fn export(&self, out: &Path, dtype: DType) -> Result<()> {
+        if self.state.stage != Stage::Diffusion {
+            bail!(
+                "{} is a {} checkpoint; only a diffusion checkpoint generates",
+                self.dir.display(),
+                self.state.stage.name()
+            );
+        }
+        let files = [EMA, VAE_FILE]
+            .into_iter()
+            .map(|file| {
+                let tensors = self
+                    .tensors(file, &Device::Cpu)?
+                    .into_iter()
+                    .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
+                    .collect::<Result<Vec<(String, Tensor)>>>()?;
+                let bytes =
+                    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+                        .with_context(|| format!("cannot serialise {file}"))?;
+                Ok((file.to_string(), bytes))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        write_folder(out, &files, &self.state, false)
+    }
+}
+
+/// Writes a checkpoint folder `dir` holding `files` (name → bytes) and `state`: under a
+/// temporary name beside it, synced, then renamed into place, so that `dir` is whole or absent.
+/// An existing `dir` is replaced when `replace_existing`, else an error.
+fn write_folder(
+    dir: &Path,
+    files: &[(String, Vec<u8>)],
+    state: &TrainState,
+    replace_existing: bool,
+) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{}: not a folder name", dir.display()))?
+        .to_string_lossy();
+    if dir.exists() && !replace_existing {
+        bail!("{} already exists; choose another", dir.display());
+    }
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| {
+        for (file, bytes) in files {
+            write_synced(&tmp.join(file), bytes)?;
+        }
+        write_synced(
+            &tmp.join(STATE),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )?;
+        sync_dir(&tmp)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot replace {}", dir.display()))?;
+        }
+        std::fs::rename(&tmp, dir)
+            .with_context(|| format!("cannot move the checkpoint to {}", dir.display()))?;
+        sync_dir(parent)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
 }
 
 /// Whether the run in `run_dir` has written a checkpoint yet.
@@ -267,35 +342,9 @@ impl Checkpointer {
     ) -> Result<PathBuf> {
         let name = format!("step-{:08}", state.step);
         let final_dir = self.dir.join(&name);
-        let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        let result = (|| {
-            for (file, bytes) in files {
-                write_synced(&tmp.join(file), bytes)?;
-            }
-            write_synced(
-                &tmp.join(STATE),
-                serde_json::to_string_pretty(state)?.as_bytes(),
-            )?;
-            sync_dir(&tmp)?;
-            if final_dir.exists() {
-                // The same step saved again (end of epoch right after a periodic save).
-                std::fs::remove_dir_all(&final_dir)
-                    .with_context(|| format!("cannot replace {}", final_dir.display()))?;
-            }
-            std::fs::rename(&tmp, &final_dir).with_context(|| {
-                format!("cannot move the checkpoint to {}", final_dir.display())
-            })?;
-            sync_dir(&self.dir)
-        })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(
-                e.context("writing a checkpoint failed; the previous checkpoints are intact")
-            );
-        }
+        // The same step may be saved again (end of epoch right after a periodic save).
+        write_folder(&final_dir, files, state, true)
+            .context("writing a checkpoint failed; the previous checkpoints are intact")?;
         let pointer = serde_json::to_vec(&Pointer {
             dir: name,
             step: state.step,

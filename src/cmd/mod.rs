@@ -4,11 +4,14 @@
 //! `prepare` prepare.rs · `phantom` phantom.rs · `grid` grid.rs · `train-vae`, `train-diffusion`
 //! train.rs · `generate` generate/ (the command, the pipeline it samples with, prompts files) ·
 //! `eval vae`, `eval generation` eval/ (the two tasks, their paired metrics, their outputs) ·
-//! `info` info.rs · `bench` bench.rs · `check-device` check_device.rs.
+//! `export` export.rs · `info` info.rs · `bench` bench.rs · `check-device` check_device.rs · `demo` demo/ (the
+//! pipeline on phantoms and its report).
 
 pub mod bench;
 pub mod check_device;
+pub mod demo;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod grid;
 pub mod info;

@@ -2,6 +2,7 @@
 //! PNGs and DICOMs.
 
 pub mod dicom;
+pub mod font;
 pub mod fs;
 pub mod grid;
 pub mod plot;

@@ -3,6 +3,8 @@
 
 use image::{Rgb, RgbImage};
 
+use super::font;
+
 /// One curve.
 pub struct Series<'a> {
     pub name: &'a str,
@@ -17,62 +19,19 @@ const INK: Rgb<u8> = Rgb([40, 40, 40]);
 const GRID: Rgb<u8> = Rgb([225, 225, 225]);
 const SCALE: u32 = 2; // font pixel size
 
-fn glyph(c: char) -> [u8; 5] {
-    match c {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 1, 1],
-        '8' => [7, 5, 7, 5, 7],
-        '9' => [7, 5, 7, 1, 7],
-        '.' => [0, 0, 0, 0, 2],
-        '-' => [0, 0, 7, 0, 0],
-        'a' => [0, 6, 3, 5, 7],
-        'e' => [0, 7, 7, 4, 7],
-        'i' => [2, 0, 2, 2, 2],
-        'l' => [6, 2, 2, 2, 7],
-        'n' => [0, 6, 5, 5, 5],
-        'o' => [0, 7, 5, 5, 7],
-        'p' => [0, 7, 5, 7, 4],
-        'r' => [0, 6, 5, 4, 4],
-        's' => [0, 7, 6, 3, 7],
-        't' => [2, 7, 2, 2, 3],
-        'v' => [0, 5, 5, 5, 2],
-        _ => [0; 5],
-    }
-}
-
 fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
     if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
         img.put_pixel(x as u32, y as u32, c);
     }
 }
 
-/// Writes `text` with its top-left corner at (x, y).
+/// Writes `s` with its top-left corner at (x, y) in the plot's font size.
 fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, c: Rgb<u8>) {
-    for (k, ch) in s.chars().enumerate() {
-        let g = glyph(ch);
-        for (row, bits) in g.iter().enumerate() {
-            for col in 0..3 {
-                if bits & (4 >> col) != 0 {
-                    for dy in 0..SCALE {
-                        for dx in 0..SCALE {
-                            let px = x + (k as i64 * 4 + col) * SCALE as i64 + dx as i64;
-                            put(img, px, y + row as i64 * SCALE as i64 + dy as i64, c);
-                        }
-                    }
-                }
-            }
-        }
-    }
+    font::text(img, x, y, s, SCALE, c);
 }
 
 fn text_width(s: &str) -> i64 {
-    s.chars().count() as i64 * 4 * SCALE as i64
+    font::text_width(s, SCALE)
 }
 
 fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb<u8>) {

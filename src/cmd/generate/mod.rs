@@ -122,6 +122,11 @@ fn validate(req: &Request) -> Result<()> {
     Ok(())
 }
 
+/// The file name of the image of a prompts file's `line` (1-based) with `seed`.
+pub fn prompts_file_image(line: usize, seed: u64, ext: &str) -> String {
+    format!("p{line:05}-{seed:08}.{ext}")
+}
+
 /// One image to write: its prompt, seed and file.
 struct Target<'a> {
     job: &'a prompts::Job,
@@ -192,7 +197,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         for seed in (0..job.n as u64).map(|i| job.seed + i) {
             let name = match req.prompts {
                 Prompts::One(_) => format!("cxr-{seed:08}.{ext}"),
-                Prompts::File(_) => format!("p{:05}-{seed:08}.{ext}", job.line),
+                Prompts::File(_) => prompts_file_image(job.line, seed, ext),
             };
             targets.push(Target {
                 job,
