@@ -207,10 +207,13 @@ pub fn train(req: &Request) -> Result<Report> {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             best = Some((e.val_loss, epoch, weights));
         }
-        bar.println(format!(
-            "epoch {epoch}: train loss {:.4}, val loss {:.4}, val accuracy {:.3}",
-            e.train_loss, e.val_loss, e.val_accuracy
-        ));
+        // On stderr with or without a terminal (a hidden bar's println prints nothing).
+        bar.suspend(|| {
+            eprintln!(
+                "epoch {epoch}: train loss {:.4}, val loss {:.4}, val accuracy {:.3}",
+                e.train_loss, e.val_loss, e.val_accuracy
+            )
+        });
         history.push(e);
     }
     bar.finish_and_clear();
