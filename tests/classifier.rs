@@ -65,9 +65,7 @@ fn tells_phantom_findings_apart_on_held_out_patients() {
         ["clf", "phantoms"],
         "no temporary cache left"
     );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("classifier.json")).unwrap())
-            .unwrap();
+    let r = report(&out);
     let classes: Vec<&str> = r["classes"]
         .as_array()
         .unwrap()
@@ -85,12 +83,7 @@ fn tells_phantom_findings_apart_on_held_out_patients() {
         ]
     );
     assert_eq!(r["image_size"], 64);
-    let test_images: u64 = r["splits"]["test"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+    let test_images = held_out_images(&r);
     let confusion: u64 = r["confusion"]
         .as_array()
         .unwrap()
@@ -118,7 +111,8 @@ fn tells_phantom_findings_apart_on_held_out_patients() {
 /// What the phantom test reaches (see docs/evaluation.md, "The alignment classifier").
 const MACRO_F1: f64 = 0.95;
 
-/// A manifest of `labels.len()` small images, one patient each.
+/// A manifest of `labels.len()` small images, one patient each: label "A" bright at the top, any
+/// other bright at the bottom (a difference that survives left-right mirroring).
 fn manifest(dir: &Path, labels: &[&str], with_label_column: bool) -> PathBuf {
     std::fs::create_dir_all(dir.join("img")).unwrap();
     let mut csv = String::from("dataset,uid,patient_id,image,projection,findings,impression");
@@ -127,10 +121,13 @@ fn manifest(dir: &Path, labels: &[&str], with_label_column: bool) -> PathBuf {
     }
     csv.push('\n');
     for (i, label) in labels.iter().enumerate() {
-        let img =
-            image::GrayImage::from_fn(16, 16, |x, y| image::Luma([(x * 9 + y * i as u32) as u8]));
+        let top = *label == "A";
+        let img = image::GrayImage::from_fn(16, 16, |x, y| {
+            let bright = (y < 8) == top;
+            image::Luma([if bright { 200 } else { 40 } + ((x * 7 + y * 3 + i as u32) % 20) as u8])
+        });
         img.save(dir.join(format!("img/{i}.png"))).unwrap();
-        csv.push_str(&format!("t,u{i},p{i},img/{i}.png,Frontal,,"));
+        csv.push_str(&format!("t,u{i},p{i},img/{i}.png,Frontal,Seen.,Said."));
         if with_label_column {
             csv.push_str(&format!(",{label}"));
         }
@@ -139,6 +136,72 @@ fn manifest(dir: &Path, labels: &[&str], with_label_column: bool) -> PathBuf {
     let path = dir.join("manifest.csv");
     std::fs::write(&path, csv).unwrap();
     path
+}
+
+/// The test split's images, summed over the classes of classifier.json.
+fn held_out_images(r: &serde_json::Value) -> u64 {
+    r["splits"]["test"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum()
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("classifier.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn trains_from_a_manifest_and_from_a_prepared_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut labels = vec!["A"; 30];
+    labels.extend(["B"; 30]);
+    let csv = manifest(&tmp.path().join("m"), &labels, true);
+    let args = [
+        "train-classifier",
+        "--width",
+        "4",
+        "--epochs",
+        "15",
+        "--device",
+        "cpu",
+    ];
+    let out = tmp.path().join("from-manifest");
+    let mut a = args.to_vec();
+    a.extend(["--image-size", "16", "--classes", "B,A"]);
+    let o = cxrgen(&a, &[("--manifest", &csv), ("--out", &out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&out);
+    assert_eq!(
+        r["classes"],
+        serde_json::json!(["B", "A"]),
+        "in --classes order"
+    );
+    assert_eq!(r["image_size"], 16);
+    assert_eq!(r["accuracy"], 1.0, "{r:#}");
+
+    // A cache from `cxrgen prepare` (the tiny config: 64×64): its size and split as they are.
+    let cache = tmp.path().join("cache");
+    let o = cxrgen(
+        &["prepare", "--config", "tiny"],
+        &[("--manifest", &csv), ("--out", &cache)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = tmp.path().join("from-cache");
+    let o = cxrgen(&args, &[("--data", &cache), ("--out", &out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&out);
+    assert_eq!(r["image_size"], 64);
+    assert_eq!(r["accuracy"], 1.0, "{r:#}");
+    let prepared: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cache.join("summary.json")).unwrap())
+            .unwrap();
+    let test_images = held_out_images(&r);
+    assert_eq!(
+        test_images,
+        prepared["splits"]["test"]["images"].as_u64().unwrap()
+    );
 }
 
 #[test]
