@@ -45,6 +45,9 @@ enum Command {
     TrainVae(TrainArgs),
     /// Stage 2: train the U-Net and the text head on the latents of a trained VAE.
     TrainDiffusion(TrainDiffusionArgs),
+    /// Train the alignment classifier on labelled radiographs; held-out accuracy, AUROC, F1 and
+    /// a confusion matrix.
+    TrainClassifier(TrainClassifierArgs),
     /// Generate synthetic radiographs from a text prompt.
     Generate(GenerateArgs),
     /// Evaluate a trained model on held-out images (docs/evaluation.md).
@@ -180,6 +183,46 @@ struct DemoArgs {
     /// Train for seconds instead of minutes: checks that every step runs, shows nothing learnt.
     #[arg(long)]
     quick: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["iu", "manifest", "data"])))]
+struct TrainClassifierArgs {
+    /// A CSV manifest with a `label` column (e.g. ../shared/data/cxr-real/manifest.csv).
+    #[arg(long, value_name = "CSV")]
+    manifest: Option<PathBuf>,
+    /// An IU-CXR folder; phantoms (`cxrgen phantom`) are labelled by their `finding` column.
+    #[arg(long, value_name = "DIR")]
+    iu: Option<PathBuf>,
+    /// A prepared cache (`cxrgen prepare`): its labels, image size and split as they are.
+    #[arg(long, value_name = "DIR", conflicts_with = "image_size")]
+    data: Option<PathBuf>,
+    /// The folder to write (new or empty): classifier.safetensors, classifier.json,
+    /// confusion.png, classifier.md.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The labels to tell apart, comma-separated (default: every label in the data); images with
+    /// other labels are left out.
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
+    /// Side of the square images the classifier sees, in pixels.
+    #[arg(long, default_value_t = 128)]
+    image_size: usize,
+    /// Channels of the network's stem; each of its three stages doubles them.
+    #[arg(long, default_value_t = 16)]
+    width: usize,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW, cosine schedule down to 1/100 of it).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Seeds the split (with --manifest or --iu), the weights and the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -516,6 +559,27 @@ pub fn run() -> Result<ExitCode> {
         Command::TrainVae(a) => cmd::train::vae(&a.request(progress)?),
         Command::TrainDiffusion(a) => {
             cmd::train::diffusion(&a.common.request(progress)?, a.vae.as_deref())
+        }
+        Command::TrainClassifier(a) => {
+            use cmd::train_classifier::{Input, Request};
+            cmd::train_classifier::run(&Request {
+                input: match (a.manifest, a.iu, a.data) {
+                    (Some(csv), _, _) => Input::Dataset(Source::Manifest(csv)),
+                    (None, Some(dir), _) => Input::Dataset(Source::Iu(dir)),
+                    (None, None, Some(dir)) => Input::Cache(dir),
+                    (None, None, None) => unreachable!("clap requires a source"),
+                },
+                out: a.out,
+                classes: a.classes,
+                image_size: a.image_size,
+                width: a.width,
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                seed: a.seed,
+                device: a.device.device,
+                progress,
+            })
         }
         Command::Generate(a) => cmd::generate::run(&a.request(progress)),
         Command::Eval(EvalArgs { task }) => cmd::eval::run(&match task {

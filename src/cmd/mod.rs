@@ -2,7 +2,7 @@
 //! command line (`cli.rs`) made of its arguments.
 //!
 //! `prepare` prepare.rs · `phantom` phantom.rs · `grid` grid.rs · `train-vae`, `train-diffusion`
-//! train.rs · `generate` generate/ (the command, the pipeline it samples with, prompts files) ·
+//! train.rs · `train-classifier` train_classifier.rs · `generate` generate/ (the command, the pipeline it samples with, prompts files) ·
 //! `eval vae`, `eval generation` eval/ (the two tasks, their paired metrics, their outputs) ·
 //! `export` export.rs · `info` info.rs · `bench` bench.rs · `check-device` check_device.rs · `demo` demo/ (the
 //! pipeline on phantoms and its report).
@@ -18,6 +18,7 @@ pub mod info;
 pub mod phantom;
 pub mod prepare;
 pub mod train;
+pub mod train_classifier;
 
 use std::path::Path;
 

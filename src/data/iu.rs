@@ -8,6 +8,8 @@
 //!   is beside them (the DICOM view tag is unreliable), else it is unknown.
 //!
 //! IU-CXR has no patient ids; each report is one patient's study, so the report uid is the patient.
+//! A record's label is the report's Problems, or for phantoms (`cxrgen phantom`) the truth column
+//! `finding` (normal, cardiomegaly, effusion, pneumothorax, consolidation).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -63,6 +65,9 @@ struct KaggleReport {
     problems: String,
     findings: String,
     impression: String,
+    /// The truth column of `cxrgen phantom` (data::phantom::TRUTH_COLUMNS); absent in IU-CXR.
+    #[serde(default)]
+    finding: String,
 }
 
 #[derive(Deserialize)]
@@ -121,7 +126,12 @@ pub fn load_kaggle(reports: &Path, projections: &Path, images: &Path) -> Result<
                     patient_id: r.uid.clone(),
                     image,
                     projection: Projection::parse(&p.projection),
-                    label: r.problems.clone(),
+                    // A phantom's drawn finding is its class; IU-CXR's own label is Problems.
+                    label: if r.finding.is_empty() {
+                        r.problems.clone()
+                    } else {
+                        r.finding.clone()
+                    },
                     findings: r.findings.trim().to_string(),
                     impression: r.impression.trim().to_string(),
                 });

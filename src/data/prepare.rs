@@ -125,8 +125,8 @@ impl Summary {
     }
 }
 
-/// Removes a temporary folder unless disarmed: a failed run leaves nothing behind.
-struct TempDir(Option<PathBuf>);
+/// Removes a temporary folder unless disarmed (set to None): a failed run leaves nothing behind.
+pub struct TempDir(pub Option<PathBuf>);
 
 impl Drop for TempDir {
     fn drop(&mut self) {

