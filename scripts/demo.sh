@@ -5,7 +5,10 @@
 #   scripts/demo.sh [DIR] [--quick]    # DIR defaults to demo/ (must not exist, or be empty)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dir=${1:-demo}
-shift || true
+dir=demo
+if [[ $# -gt 0 && $1 != --* ]]; then
+    dir=$1
+    shift
+fi
 cargo build --release --quiet
 exec target/release/cxrgen demo --out "$dir" "$@"

@@ -245,6 +245,15 @@ fn bad_input_is_named_and_nothing_is_written() {
         !o.status.success() && e.contains("--classes C") && e.contains("A (40), B (1)"),
         "{e}"
     );
+    for (flags, named) in [
+        (&["--width", "0"][..], "--width"),
+        (&["--lr", "NaN"], "--lr NaN"),
+        (&["--lr=-1"], "--lr -1"),
+    ] {
+        let o = run(&lopsided, flags);
+        let e = stderr(&o);
+        assert!(!o.status.success() && e.contains(named), "{flags:?}: {e}");
+    }
     assert_eq!(
         leftovers(),
         ["a", "b"],

@@ -265,7 +265,7 @@ fn write_folder(
             serde_json::to_string_pretty(state)?.as_bytes(),
         )?;
         sync_dir(&tmp)?;
-        if dir.exists() {
+        if replace_existing && dir.exists() {
             std::fs::remove_dir_all(dir)
                 .with_context(|| format!("cannot replace {}", dir.display()))?;
         }

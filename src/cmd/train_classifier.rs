@@ -128,8 +128,11 @@ pub fn run(req: &Request) -> Result<ExitCode> {
 /// Trains, scores and writes `--out`; the report is returned as written.
 pub fn train(req: &Request) -> Result<Report> {
     check_out(&req.out)?;
-    if req.epochs == 0 || req.batch_size == 0 {
-        bail!("--epochs and --batch-size must be at least 1");
+    if req.epochs == 0 || req.batch_size == 0 || req.width == 0 {
+        bail!("--epochs, --batch-size and --width must be at least 1");
+    }
+    if !(req.lr.is_finite() && req.lr > 0.0) {
+        bail!("--lr {}: must be a finite number above 0", req.lr);
     }
     let device = crate::device::open(req.device)?;
     let (cache, source, dropped) = open_images(req)?;

@@ -212,18 +212,24 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         precision: None,
         progress: req.progress,
     };
-    let t = Instant::now();
-    let vae = crate::train::train_vae(&stage("vae"))?;
-    timed("VAE training", t);
-    let t = Instant::now();
-    let ldm = crate::train::train_diffusion(&stage("ldm"), Some(&out.join("vae")))?;
-    timed("diffusion training", t);
-    if vae.interrupted || ldm.interrupted {
+    let interrupted = || {
         eprintln!(
             "demo: interrupted; the runs so far are in {}",
             out.display()
         );
-        return Ok(ExitCode::from(crate::interrupt::EXIT_CODE));
+        Ok(ExitCode::from(crate::interrupt::EXIT_CODE))
+    };
+    let t = Instant::now();
+    let vae = crate::train::train_vae(&stage("vae"))?;
+    timed("VAE training", t);
+    if vae.interrupted {
+        return interrupted();
+    }
+    let t = Instant::now();
+    let ldm = crate::train::train_diffusion(&stage("ldm"), Some(&out.join("vae")))?;
+    timed("diffusion training", t);
+    if ldm.interrupted {
+        return interrupted();
     }
 
     let t = Instant::now();
@@ -247,11 +253,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
 /// The model shipped in the binary (assets/demo-model: `cxrgen export` of a run of the
 /// `demo` recipe trained for longer, docs/demo.md), written out as a checkpoint folder.
 fn write_shipped(dir: &Path) -> Result<()> {
+    // state.json last: until it is there, the folder is not a checkpoint.
     const FILES: [(&str, &[u8]); 3] = [
-        (
-            STATE,
-            include_bytes!("../../../assets/demo-model/state.json"),
-        ),
         (
             EMA,
             include_bytes!("../../../assets/demo-model/ema.safetensors"),
@@ -259,6 +262,10 @@ fn write_shipped(dir: &Path) -> Result<()> {
         (
             VAE_FILE,
             include_bytes!("../../../assets/demo-model/vae.safetensors"),
+        ),
+        (
+            STATE,
+            include_bytes!("../../../assets/demo-model/state.json"),
         ),
     ];
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -58,12 +58,14 @@ pub fn judge_images(images: &[Vec<PathBuf>]) -> Result<Vec<Vec<Judged>>> {
         .collect()
 }
 
-/// What the measurements read, in words: a finding, `several findings`, or `no lung fields`.
+/// What the measurements read, in words: a finding, `several findings`, `no heart found` or
+/// `no lung fields`.
 pub fn label(m: &Measurement) -> String {
-    match (m.ctr, m.finding()) {
-        (None, _) => "no lung fields".into(),
-        (_, None) => "several findings".into(),
-        (_, Some(f)) => finding_name(f),
+    match (m.lung_fields, m.ctr, m.finding()) {
+        (false, _, _) => "no lung fields".into(),
+        (true, None, _) => "no heart found".into(),
+        (true, Some(_), None) => "several findings".into(),
+        (true, Some(_), Some(f)) => finding_name(f),
     }
 }
 
@@ -121,8 +123,8 @@ pub struct Rate {
     pub what: &'static str,
     pub hits: usize,
     pub of: usize,
-    /// Of `of`, those with an image in which the judge found no lung fields: they count as
-    /// misses.
+    /// Of `of`, those the judge could not read (an image without lung fields; for the heart, a
+    /// pair without both hearts measured): they count as misses.
     pub unreadable: usize,
     /// None: reported, no target.
     pub target: Option<f64>,
@@ -182,7 +184,7 @@ fn rates(judged: &[Vec<Judged>]) -> Vec<Rate> {
                 .and_then(|p| p.finding.side());
             for j in of(name) {
                 r.of += 1;
-                r.unreadable += usize::from(j.ctr.is_none());
+                r.unreadable += usize::from(!j.measurement.lung_fields);
                 r.hits += usize::from(read(&j.measurement) == want);
             }
         }
@@ -409,16 +411,26 @@ impl Summary {
             .join("\n")
     }
 
-    /// Writes `report.md`, `report.json` and each model's sheet into `out`.
+    /// Writes `report.md`, `report.json` and each model's sheet into `out`, all of them or
+    /// none (a report written earlier stays whole until the new one replaces it).
     pub fn write(&self, out: &Path) -> Result<()> {
+        let mut files = vec![
+            (out.join("report.md"), self.markdown().into_bytes()),
+            (
+                out.join("report.json"),
+                serde_json::to_string_pretty(self)?.into_bytes(),
+            ),
+        ];
         for m in &self.models {
-            crate::io::fs::replace_image(&out.join(m.sheet), m.sheet()?)?;
+            let path = out.join(m.sheet);
+            let bytes = crate::io::fs::image_bytes(&path, m.sheet()?)?;
+            files.push((path, bytes));
         }
-        crate::io::fs::write_synced(
-            &out.join("report.json"),
-            serde_json::to_string_pretty(self)?.as_bytes(),
-        )?;
-        crate::io::fs::write_synced(&out.join("report.md"), self.markdown().as_bytes())
+        let files: Vec<(&Path, &[u8])> = files
+            .iter()
+            .map(|(p, b)| (p.as_path(), b.as_slice()))
+            .collect();
+        crate::io::fs::replace_all(&files)
     }
 
     fn markdown(&self) -> String {
@@ -490,6 +502,9 @@ impl Summary {
                 r.agree,
                 100.0 * r.agree as f64 / r.images.max(1) as f64
             );
+        }
+        if !self.models.iter().any(|m| m.model == OWN) {
+            return s;
         }
         let _ = writeln!(s, "\n## Training\n");
         let _ = writeln!(

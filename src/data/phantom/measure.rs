@@ -16,8 +16,11 @@ const SOLID_ABOVE: f32 = 0.555;
 /// What [`measure`] reads from a frontal image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Measurement {
+    /// Whether the image shows lung fields at all (one tall, dark block on both sides); when
+    /// not, nothing else is read.
+    pub lung_fields: bool,
     /// Widest run of heart-dense pixels through the midline over the inner thoracic width;
-    /// None when the lung fields cannot be found.
+    /// None when the lung fields or the heart cannot be found.
     pub ctr: Option<f64>,
     /// The side whose costophrenic angle is blunted, if one is.
     pub effusion: Option<Side>,
@@ -29,7 +32,7 @@ pub struct Measurement {
 
 impl Measurement {
     /// The one finding the measurements read: a single abnormality, or normal when there is
-    /// none and the heart is not enlarged. None when the lung fields were not found or more than
+    /// none and the heart is not enlarged. None when the lung fields or the heart were not found, or more than
     /// one abnormality was read.
     pub fn finding(&self) -> Option<Finding> {
         let ctr = self.ctr?;
@@ -56,6 +59,7 @@ pub fn measure(pixels: &[f32], size: usize) -> Measurement {
     let img = Image { pixels, size };
     match Thorax::find(&img) {
         Some(t) => Measurement {
+            lung_fields: true,
             ctr: t.ctr(&img),
             effusion: t.effusion(&img),
             pneumothorax: t.pneumothorax(&img),
@@ -390,6 +394,7 @@ mod tests {
     #[test]
     fn one_finding_is_read_and_two_are_not() {
         let m = |ctr: f64| Measurement {
+            lung_fields: true,
             ctr: Some(ctr),
             ..Default::default()
         };
