@@ -567,7 +567,7 @@ impl CustomOp2 for NormBackward {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{outputs_and_gradients, relative_errors};
+    use super::super::testing::against_reference;
     use super::*;
     use crate::rng::Rng;
     use candle_core::{DType, Device, D};
@@ -620,12 +620,7 @@ mod tests {
     fn check(fused: Op, reference: Op, [x, w, b, r]: &[Tensor; 4], what: &str) -> Result<()> {
         // (dtype, tolerance): F32 to summation order; F16/BF16 inputs to their rounding.
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 5e-3), (DType::BF16, 2e-2)] {
-            let cast = |t: &Tensor| t.to_dtype(dtype);
-            let got = outputs_and_gradients(fused, &[&cast(x)?, &cast(w)?, &cast(b)?], r)?;
-            // Against the reference on the same rounded inputs.
-            let up = |t: &Tensor| cast(t)?.to_dtype(DType::F32);
-            let want = outputs_and_gradients(reference, &[&up(x)?, &up(w)?, &up(b)?], r)?;
-            let errs = relative_errors(&got, &want)?;
+            let (_, errs) = against_reference(dtype, fused, reference, &[x, w, b], r)?;
             let worst = errs.iter().cloned().fold(0.0, f64::max);
             assert!(
                 worst < tol,
@@ -670,16 +665,14 @@ mod tests {
                     .transpose(1, 2)
             };
             for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 5e-3)] {
-                let cast = |t: &Tensor| t.to_dtype(dtype);
-                let got = outputs_and_gradients(
+                let (got, errs) = against_reference(
+                    dtype,
                     &|t| group_norm_to_tokens(&t[0], &t[1], &t[2], groups, 1e-5),
-                    &[&cast(&x)?, &cast(&w)?, &cast(&b)?],
+                    &reference,
+                    &[&x, &w, &b],
                     &r,
                 )?;
-                let up = |t: &Tensor| cast(t)?.to_dtype(DType::F32);
-                let want = outputs_and_gradients(&reference, &[&up(&x)?, &up(&w)?, &up(&b)?], &r)?;
                 assert_eq!(got[0].dims(), [batch, inner, c]);
-                let errs = relative_errors(&got, &want)?;
                 let worst = errs.iter().cloned().fold(0.0, f64::max);
                 assert!(worst < tol, "{dims:?}, {dtype:?}: {errs:?}");
             }

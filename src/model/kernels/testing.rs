@@ -46,3 +46,27 @@ pub fn relative_errors(got: &[Tensor], want: &[Tensor]) -> Result<Vec<f64>> {
 pub fn worst_relative(got: &[Tensor], want: &[Tensor]) -> Result<f64> {
     Ok(relative_errors(got, want)?.into_iter().fold(0.0, f64::max))
 }
+
+/// `fused` computed on `inputs` rounded to `dtype`, against `reference` computed in F32 on the
+/// same rounded inputs (so that only the fused op's own rounding counts): the fused op's output
+/// and gradients ([`outputs_and_gradients`] with `r`), and the relative error of each.
+pub fn against_reference(
+    dtype: DType,
+    fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    reference: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[&Tensor],
+    r: &Tensor,
+) -> Result<(Vec<Tensor>, Vec<f64>)> {
+    let rounded = inputs
+        .iter()
+        .map(|t| t.to_dtype(dtype))
+        .collect::<Result<Vec<_>>>()?;
+    let up = rounded
+        .iter()
+        .map(|t| t.to_dtype(DType::F32))
+        .collect::<Result<Vec<_>>>()?;
+    let got = outputs_and_gradients(fused, &rounded.iter().collect::<Vec<_>>(), r)?;
+    let want = outputs_and_gradients(reference, &up.iter().collect::<Vec<_>>(), r)?;
+    let errors = relative_errors(&got, &want)?;
+    Ok((got, errors))
+}
