@@ -27,11 +27,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
             req.out.display()
         );
     }
-    let bar = if req.progress {
-        indicatif::ProgressBar::new(req.n as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::io::progress::bar(req.n as u64, req.progress, None);
     crate::data::phantom::write_dataset(&req.out, req.n, req.size, req.seed, &bar)?;
     bar.finish_and_clear();
     eprintln!(

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarMap;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::config::{
@@ -549,15 +549,11 @@ fn random_flips(x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
 }
 
 fn progress_bar(n: u64, visible: bool) -> ProgressBar {
-    if !visible {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(n);
-    bar.set_style(
-        ProgressStyle::with_template("classifier {bar:30} {pos}/{len} steps {msg} eta {eta}")
-            .expect("valid template"),
-    );
-    bar
+    crate::io::progress::bar(
+        n,
+        visible,
+        Some("classifier {bar:30} {pos}/{len} steps {msg} eta {eta}"),
+    )
 }
 
 /// Writes the four files into `out` together: all of them or none.

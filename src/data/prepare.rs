@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -391,13 +391,9 @@ fn commit(tmp: &Path, out: &Path) -> Result<()> {
 }
 
 fn progress_bar(n: u64, visible: bool) -> ProgressBar {
-    if !visible {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(n);
-    bar.set_style(
-        ProgressStyle::with_template("decoding {bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
-            .expect("valid template"),
-    );
-    bar
+    crate::io::progress::bar(
+        n,
+        visible,
+        Some("decoding {bar:40} {pos}/{len} images, {per_sec}, eta {eta}"),
+    )
 }

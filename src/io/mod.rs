@@ -7,4 +7,5 @@ pub mod fs;
 pub mod grid;
 pub mod plot;
 pub mod png;
+pub mod progress;
 pub mod stdout;

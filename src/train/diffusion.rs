@@ -29,11 +29,8 @@ pub struct Posteriors {
 impl Posteriors {
     /// The posterior moments of every cached image under `vae`, in batches.
     pub fn encode(vae: &Vae, cache: &Cache, device: &Device, progress: bool) -> Result<Self> {
-        let bar = if progress {
-            indicatif::ProgressBar::new(cache.len() as u64).with_prefix("encoding latents")
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
+        let bar = crate::io::progress::bar(cache.len() as u64, progress, None)
+            .with_prefix("encoding latents");
         let (mut means, mut logvars) = (Vec::new(), Vec::new());
         let all: Vec<usize> = (0..cache.len()).collect();
         for chunk in all.chunks(16) {

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::json;
 
 use super::ema::Ema;
@@ -384,18 +384,13 @@ impl<'a> Trainer<'a> {
         // A resumed run continues the log where its checkpoint was (a run stopped before its
         // first checkpoint, from the start).
         let metrics = MetricsLog::open(opts.out, resume.map(|c| c.state.step))?;
-        let bar = if opts.progress {
-            let b = ProgressBar::new(stop_at);
-            b.set_style(
-                ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps {msg} eta {eta}")
-                    .expect("valid template"),
-            );
-            b.set_prefix(objective.stage().name());
-            b.set_position(state.step);
-            b
-        } else {
-            ProgressBar::hidden()
-        };
+        let bar = crate::io::progress::bar(
+            stop_at,
+            opts.progress,
+            Some("{prefix} {bar:30} {pos}/{len} steps {msg} eta {eta}"),
+        );
+        bar.set_prefix(objective.stage().name());
+        bar.set_position(state.step);
         Ok(Self {
             objective,
             opts,

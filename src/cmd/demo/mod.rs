@@ -186,7 +186,7 @@ pub fn run(req: &Request) -> Result<ExitCode> {
 
     let t = Instant::now();
     let phantoms = out.join("phantoms");
-    let bar = progress_bar(req.progress, plan.phantoms as u64);
+    let bar = crate::io::progress::bar(plan.phantoms as u64, req.progress, None);
     crate::data::phantom::write_dataset(&phantoms, plan.phantoms, cfg.data.image_size, SEED, &bar)?;
     bar.finish_and_clear();
     crate::data::prepare::prepare(
@@ -338,14 +338,6 @@ fn generate(
                 .collect()
         })
         .collect())
-}
-
-fn progress_bar(show: bool, n: u64) -> indicatif::ProgressBar {
-    if show {
-        indicatif::ProgressBar::new(n)
-    } else {
-        indicatif::ProgressBar::hidden()
-    }
 }
 
 #[cfg(test)]

@@ -82,11 +82,7 @@ pub fn held_out(req: &Request, cache: &Cache, size: usize) -> Result<Vec<usize>>
 
 /// A progress bar over `n` steps, hidden when stderr is not a terminal.
 pub fn progress_bar(req: &Request, n: usize) -> ProgressBar {
-    if req.progress {
-        ProgressBar::new(n as u64)
-    } else {
-        ProgressBar::hidden()
-    }
+    crate::io::progress::bar(n as u64, req.progress, None)
 }
 
 /// [−1, 1] → [0, 1].

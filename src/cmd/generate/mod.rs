@@ -240,11 +240,11 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     let mut graphs = graphs_on.then(|| StepGraphs::new(&networks.unet, req.guidance));
 
     let size = config.data.image_size as u32;
-    let bar = if req.progress {
-        indicatif::ProgressBar::new((targets.len() * req.sampler.steps) as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::io::progress::bar(
+        (targets.len() * req.sampler.steps) as u64,
+        req.progress,
+        None,
+    );
     let (date, time) = dicom::utc_now();
     let (study_uid, series_uid) = (dicom::new_uid("study"), dicom::new_uid("series"));
     let mut stdout = Stdout::lock();
