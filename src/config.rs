@@ -39,6 +39,9 @@ pub struct DataConfig {
     pub views: Vec<Projection>,
     /// Which report sections an image's report must have to be kept.
     pub require: TextRequirement,
+    /// Which report sections make the text the model is conditioned on (and prompted with).
+    #[serde(default)]
+    pub text: TextSections,
     pub split: SplitConfig,
 }
 
@@ -81,6 +84,28 @@ pub enum TextRequirement {
     FindingsAndImpression,
     FindingsOrImpression,
     Any,
+}
+
+/// The report sections whose cleaned text conditions the model. The paper uses both; the
+/// impression alone is a short statement of the findings, in which a word such as the side of a
+/// finding weighs more (configs/demo.yaml).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextSections {
+    #[default]
+    FindingsAndImpression,
+    Findings,
+    Impression,
+}
+
+impl fmt::Display for TextSections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::FindingsAndImpression => "findings_and_impression",
+            Self::Findings => "findings",
+            Self::Impression => "impression",
+        })
+    }
 }
 
 /// Patient-level split fractions.

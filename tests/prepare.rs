@@ -7,8 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn prepare(args: &[&str], manifest: &Path, out: &Path) -> Output {
+    prepare_with("tiny", args, manifest, out)
+}
+
+fn prepare_with(config: &str, args: &[&str], manifest: &Path, out: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cxrgen"))
-        .args(["prepare", "--config", "tiny", "--json"])
+        .args(["prepare", "--config", config, "--json"])
         .args(args)
         .arg("--manifest")
         .arg(manifest)
@@ -94,6 +98,45 @@ fn broken_images_are_named_and_the_rest_prepared() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     assert!(prepare(&["--force"], &manifest, &out).status.success());
     assert_eq!(leftovers(&dir), ["cache"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_text_is_made_of_the_sections_the_config_names_and_training_checks_it() {
+    let (dir, manifest) = broken_dataset("sections");
+    // tiny conditions on findings and impression; this one on the impression alone.
+    let config = dir.join("impression.yaml");
+    std::fs::write(&config, "base: tiny\ndata:\n  text: impression\n").unwrap();
+    let out = dir.join("cache");
+    assert!(prepare_with(config.to_str().unwrap(), &[], &manifest, &out)
+        .status
+        .success());
+    let cache = cxrgen::data::cache::Cache::open(&out).unwrap();
+    assert_eq!(cache.meta.text, cxrgen::config::TextSections::Impression);
+    assert!(cache.records.iter().all(|r| r.text == "No acute disease."));
+    let both = dir.join("both");
+    assert!(prepare(&[], &manifest, &both).status.success());
+    let cache = cxrgen::data::cache::Cache::open(&both).unwrap();
+    assert!(cache
+        .records
+        .iter()
+        .all(|r| r.text == "Heart size normal. No acute disease."));
+
+    // A model trained on one kind of text refuses a cache of the other.
+    let run = Command::new(env!("CARGO_BIN_EXE_cxrgen"))
+        .args(["train-vae", "--config", "tiny", "--data"])
+        .arg(&out)
+        .arg("--out")
+        .arg(dir.join("vae"))
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("texts made from impression but data.text = findings_and_impression"),
+        "{err}"
+    );
+    assert!(!dir.join("vae").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -20,7 +20,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::config::{
-    Config, DataConfig, OptimizerConfig, Projection, SplitConfig, TextRequirement,
+    Config, DataConfig, OptimizerConfig, Projection, SplitConfig, TextRequirement, TextSections,
 };
 use crate::data::cache::Cache;
 use crate::data::prepare::{prepare, PrepareOptions, Source, TempDir};
@@ -319,6 +319,7 @@ fn open_images(req: &Request) -> Result<(Cache, String, Vec<String>)> {
         image_size: req.image_size,
         views: vec![Projection::Frontal, Projection::Unknown],
         require: TextRequirement::Any,
+        text: TextSections::default(),
         split: SplitConfig {
             train: 0.7,
             val: 0.1,

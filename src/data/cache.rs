@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::Projection;
 use super::split::Split;
+use crate::config::TextSections;
 use crate::io::fs::write_synced;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -29,6 +30,10 @@ pub const EXCLUDED_FILE: &str = "excluded.csv";
 pub struct CacheMeta {
     pub version: u32,
     pub image_size: usize,
+    /// The report sections the records' `text` was made from (caches older than the setting
+    /// were made from both).
+    #[serde(default)]
+    pub text: TextSections,
     /// Shard files in order, with the number of images in each.
     pub shards: Vec<(String, usize)>,
 }

@@ -11,6 +11,8 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
+use crate::config::TextSections;
+
 /// Abbreviation → expansion, matched as whole words with this exact case. Ambiguous ones are left
 /// alone: "PA" is both posteroanterior and pulmonary artery, "AP" both a view and an artery.
 pub const ABBREVIATIONS: &[(&str, &str)] = &[
@@ -101,9 +103,14 @@ static ABBREVIATION_RES: LazyLock<Vec<(Regex, &str)>> = LazyLock::new(|| {
         .collect()
 });
 
-/// The conditioning text of one report: cleaned findings, then cleaned impression.
-pub fn clean_report(findings: &str, impression: &str) -> String {
-    let parts: Vec<String> = [findings, impression]
+/// The conditioning text of one report: the cleaned sections `sections` names, findings first.
+pub fn clean_report(findings: &str, impression: &str, sections: TextSections) -> String {
+    let chosen: &[&str] = match sections {
+        TextSections::FindingsAndImpression => &[findings, impression],
+        TextSections::Findings => &[findings],
+        TextSections::Impression => &[impression],
+    };
+    let parts: Vec<String> = chosen
         .iter()
         .map(|s| clean_section(s))
         .filter(|s| !s.is_empty())
@@ -291,11 +298,27 @@ mod tests {
         assert_eq!(
             clean_report(
                 "  Heart size normal.\n\n Lungs   clear. ",
-                "No acute disease."
+                "No acute disease.",
+                TextSections::FindingsAndImpression
             ),
             "Heart size normal. Lungs clear. No acute disease."
         );
-        assert_eq!(clean_report("", "No acute disease."), "No acute disease.");
-        assert_eq!(clean_report("XXXX.", ""), "");
+        let both = TextSections::FindingsAndImpression;
+        assert_eq!(
+            clean_report("", "No acute disease.", both),
+            "No acute disease."
+        );
+        assert_eq!(clean_report("XXXX.", "", both), "");
+    }
+
+    #[test]
+    fn one_section_alone_is_the_text_when_asked_for() {
+        let (f, i) = (
+            "Blunting of the left costophrenic angle.",
+            "Left pleural effusion.",
+        );
+        assert_eq!(clean_report(f, i, TextSections::Impression), i);
+        assert_eq!(clean_report(f, i, TextSections::Findings), f);
+        assert_eq!(clean_report(f, "", TextSections::Impression), "");
     }
 }

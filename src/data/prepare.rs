@@ -157,7 +157,7 @@ pub fn prepare(cfg: &Config, opts: &PrepareOptions) -> Result<Summary> {
     let mut texts = Vec::with_capacity(collection.records.len());
     let mut records = Vec::with_capacity(collection.records.len());
     for r in std::mem::take(&mut collection.records) {
-        let text = clean_report(&r.findings, &r.impression);
+        let text = clean_report(&r.findings, &r.impression, cfg.data.text);
         if text.is_empty() && cfg.data.require != TextRequirement::Any {
             collection.excluded.push(Dropped {
                 item: r.image.display().to_string(),
@@ -263,6 +263,7 @@ pub fn prepare(cfg: &Config, opts: &PrepareOptions) -> Result<Summary> {
     let meta = CacheMeta {
         version: cache::FORMAT_VERSION,
         image_size: size,
+        text: cfg.data.text,
         shards,
     };
     write_synced(

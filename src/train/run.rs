@@ -175,7 +175,7 @@ pub fn first_difference(a: &Config, b: &Config) -> String {
     "no difference".into()
 }
 
-/// The cache, opened and checked against the config's image size.
+/// The cache, opened and checked against the config's image size and text sections.
 pub fn open_cache(req: &RunRequest, cfg: &Config) -> Result<Cache> {
     let cache = Cache::open(&req.data)?;
     if cache.meta.image_size != cfg.data.image_size {
@@ -185,6 +185,14 @@ pub fn open_cache(req: &RunRequest, cfg: &Config) -> Result<Cache> {
             cache.meta.image_size,
             cache.meta.image_size,
             cfg.data.image_size
+        );
+    }
+    if cache.meta.text != cfg.data.text {
+        bail!(
+            "the cache {} holds texts made from {} but data.text = {}; prepare it again with this config",
+            cache.dir.display(),
+            cache.meta.text,
+            cfg.data.text
         );
     }
     Ok(cache)
