@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::distribution::Extractor;
 use super::Prompt;
@@ -102,7 +102,7 @@ pub fn extractor(clf: &TrainedClassifier) -> Extractor<'_> {
 
 /// The classifier's softmax probabilities of every image of every prompt (`images`: each
 /// prompt's [k, 1, S, S] in [0, 1]), in order.
-pub fn classify(
+fn classify(
     clf: &TrainedClassifier,
     images: &[Tensor],
     batch_size: usize,
@@ -123,8 +123,36 @@ pub fn classify(
     Ok(probs)
 }
 
+/// Judge 1 on every image (`images`: each prompt's, in [0, 1]); each image's record receives
+/// its class, the predicted one and the probabilities.
+pub fn judge(
+    clf: &TrainedClassifier,
+    prompts: &[Prompt],
+    classes: &[std::result::Result<usize, String>],
+    images: &[Tensor],
+    records: &mut [Map<String, Value>],
+    batch_size: usize,
+) -> Result<Scores> {
+    let probs = classify(clf, images, batch_size)?;
+    let truth = prompts
+        .iter()
+        .zip(classes)
+        .flat_map(|(p, class)| p.sources.iter().map(move |_| class.as_ref().ok()));
+    for ((record, row), class) in records.iter_mut().zip(&probs).zip(truth) {
+        record.insert(
+            "classifier".into(),
+            json!({
+                "class": class.map(|&c| &clf.classes[c]),
+                "predicted": clf.classes[predicted(row)],
+                "probabilities": row,
+            }),
+        );
+    }
+    Scores::new(clf, prompts, classes, &probs)
+}
+
 /// The predicted class: the most probable.
-pub fn predicted(probs: &[f64]) -> usize {
+fn predicted(probs: &[f64]) -> usize {
     (0..probs.len())
         .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
         .expect("2+ classes")
@@ -142,7 +170,7 @@ pub struct Scores {
 
 impl Scores {
     /// `probs`: one row per image, prompt by prompt; `classes`: each prompt's class.
-    pub fn new(
+    fn new(
         clf: &TrainedClassifier,
         prompts: &[Prompt],
         classes: &[std::result::Result<usize, String>],

@@ -22,7 +22,7 @@ use image::GrayImage;
 use serde_json::{json, Map, Value};
 
 use super::distribution::{self, Extractor};
-use super::judge::{self, Judge, Tally};
+use super::judge::{self, Judge};
 use super::paired::{md_rows, Paired};
 use super::report::{finish, held_out, json_bytes, mean_std, progress_bar, unit, OutDir};
 use super::{alignment, images, network, Metric, Prompt, Request};
@@ -184,7 +184,7 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
     let out = OutDir::prepare(&req.out_dir())?;
 
     let images = match &source {
-        Source::Model { pipeline, .. } => generate(req, opts, pipeline, &cache, &prompts, &device)?,
+        Source::Model { pipeline, .. } => generate(req, opts, pipeline, &prompts, &device)?,
         Source::Folder(_, imgs) => imgs.clone(),
     };
 
@@ -270,23 +270,14 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
             // The paper's FID is Inception's: nothing to set beside this one.
             distance(alignment::extractor(clf), "–")?;
         }
-        let probs = alignment::classify(clf, &images, req.batch_size)?;
-        let mut k = 0;
-        for (p, class) in prompts.iter().zip(classes) {
-            for _ in &p.sources {
-                let row = &probs[k];
-                records[k].insert(
-                    "classifier".into(),
-                    json!({
-                        "class": class.as_ref().ok().map(|&c| &clf.classes[c]),
-                        "predicted": clf.classes[alignment::predicted(row)],
-                        "probabilities": row,
-                    }),
-                );
-                k += 1;
-            }
-        }
-        let scores = alignment::Scores::new(clf, &prompts, classes, &probs)?;
+        let scores = alignment::judge(
+            clf,
+            &prompts,
+            classes,
+            &images,
+            &mut records,
+            req.batch_size,
+        )?;
         metrics.extend(scores.json(clf));
         md_sections.push_str(&scores.markdown(clf));
         figures.push((
@@ -295,29 +286,7 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
         ));
     }
     if let Some(findings) = &findings {
-        let bar = progress_bar(req, n_images);
-        let mut tally = Tally::default();
-        let mut k = 0;
-        for ((p, imgs), &f) in prompts.iter().zip(&images).zip(findings) {
-            for j in 0..p.sources.len() {
-                let m = judge::measure_image(&imgs.get(j)?)?;
-                tally.add(f, &m);
-                let (agrees, kind_agrees) = judge::agreement(f, &m);
-                records[k].insert(
-                    "phantom".into(),
-                    json!({
-                        "prompted": f.name(),
-                        "measured": m.label(),
-                        "ctr": m.ctr,
-                        "agrees": agrees,
-                        "kind_agrees": kind_agrees,
-                    }),
-                );
-                k += 1;
-                bar.inc(1);
-            }
-        }
-        bar.finish_and_clear();
+        let tally = judge::judge(req, &prompts, findings, &images, &mut records)?;
         let (ceiling, not_phantom) = judge::ceiling(&cache, &real)?;
         metrics.insert(
             "alignment_phantom".into(),
@@ -501,7 +470,6 @@ fn generate(
     req: &Request,
     opts: &Options,
     pipeline: &Pipeline,
-    cache: &Cache,
     prompts: &[Prompt],
     device: &Device,
 ) -> Result<Vec<Tensor>> {
@@ -522,7 +490,7 @@ fn generate(
         let seeds: Vec<u64> = (0..k as u64)
             .map(|j| opts.seed + (i * k) as u64 + j)
             .collect();
-        let cond = diffusion.condition(text, networks, &cache.records[p.reports[0]].text, "")?;
+        let cond = diffusion.condition(text, networks, &p.text, "")?;
         let images = diffusion.sample(
             networks,
             &cond,

@@ -8,9 +8,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
-use super::Prompt;
+use super::report::progress_bar;
+use super::{Prompt, Request};
 use crate::data::cache::Cache;
 use crate::data::phantom::{measure, read_finding, Finding, Measurement};
 use crate::eval::summary::Proportion;
@@ -48,10 +49,39 @@ pub fn prompted_findings(prompts: &[Prompt], cache: &Cache, size: usize) -> Resu
         .collect()
 }
 
-/// Measures one image, [1, S, S] in [0, 1].
-pub fn measure_image(image: &Tensor) -> Result<Measurement> {
-    let size = image.dim(2)?;
-    Ok(measure(&image.flatten_all()?.to_vec1::<f32>()?, size))
+/// Judge 2 on every image (`images`: each prompt's, [k, 1, S, S] in [0, 1]; `findings`: each
+/// prompt's); each image's record receives what was prompted and measured.
+pub fn judge(
+    req: &Request,
+    prompts: &[Prompt],
+    findings: &[Finding],
+    images: &[Tensor],
+    records: &mut [Map<String, Value>],
+) -> Result<Tally> {
+    let bar = progress_bar(req, records.len());
+    let mut tally = Tally::default();
+    let mut records = records.iter_mut();
+    for ((p, imgs), &f) in prompts.iter().zip(images).zip(findings) {
+        for j in 0..p.sources.len() {
+            let image = imgs.get(j)?;
+            let m = measure(&image.flatten_all()?.to_vec1::<f32>()?, image.dim(2)?);
+            tally.add(f, &m);
+            let (agrees, kind_agrees) = agreement(f, &m);
+            records.next().expect("one record per image").insert(
+                "phantom".into(),
+                json!({
+                    "prompted": f.name(),
+                    "measured": m.label(),
+                    "ctr": m.ctr,
+                    "agrees": agrees,
+                    "kind_agrees": kind_agrees,
+                }),
+            );
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(tally)
 }
 
 /// Per kind of prompted finding: images, exact agreement, agreement on the kind alone,
@@ -82,7 +112,7 @@ impl Counts {
 
 /// Whether the measured finding is the prompted one (side and lobe included), and whether its
 /// kind is.
-pub fn agreement(prompted: Finding, m: &Measurement) -> (bool, bool) {
+fn agreement(prompted: Finding, m: &Measurement) -> (bool, bool) {
     let found = m.finding();
     (
         found == Some(prompted),
@@ -91,7 +121,7 @@ pub fn agreement(prompted: Finding, m: &Measurement) -> (bool, bool) {
 }
 
 impl Tally {
-    pub fn add(&mut self, prompted: Finding, m: &Measurement) {
+    fn add(&mut self, prompted: Finding, m: &Measurement) {
         let k = Finding::KINDS
             .iter()
             .position(|&k| k == prompted.kind())
