@@ -537,7 +537,7 @@ fn check_judges_against_records(report: &Value, images: usize) {
         .as_object()
         .unwrap()
         .values()
-        .map(|v| v.as_u64().unwrap())
+        .map(|v| v["images"].as_u64().unwrap())
         .sum();
     assert_eq!(left as usize, left_out);
     let (mut sums, mut prompted) = ([0.0; 3], 0);

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::distribution::Extractor;
@@ -127,6 +128,7 @@ fn classify(
 /// its class, the predicted one and the probabilities.
 pub fn judge(
     clf: &TrainedClassifier,
+    cache: &Cache,
     prompts: &[Prompt],
     classes: &[std::result::Result<usize, String>],
     images: &[Tensor],
@@ -148,7 +150,7 @@ pub fn judge(
             }),
         );
     }
-    Scores::new(clf, prompts, classes, &probs)
+    Scores::new(clf, cache, prompts, classes, &probs)
 }
 
 /// The predicted class: the most probable.
@@ -158,12 +160,20 @@ fn predicted(probs: &[f64]) -> usize {
         .expect("2+ classes")
 }
 
+/// Images left out of judge 1 for one reason.
+#[derive(Debug, Default, Serialize)]
+struct LeftOut {
+    images: usize,
+    /// The ids of their prompts' reports.
+    reports: Vec<String>,
+}
+
 /// The scores of judge 1.
 pub struct Scores {
     classes: Vec<String>,
     confusion: Confusion,
     /// Images left out of precision/recall/F1, by reason.
-    left_out: BTreeMap<String, usize>,
+    left_out: BTreeMap<String, LeftOut>,
     is_like: f64,
     images: usize,
 }
@@ -172,6 +182,7 @@ impl Scores {
     /// `probs`: one row per image, prompt by prompt; `classes`: each prompt's class.
     fn new(
         clf: &TrainedClassifier,
+        cache: &Cache,
         prompts: &[Prompt],
         classes: &[std::result::Result<usize, String>],
         probs: &[Vec<f64>],
@@ -184,7 +195,14 @@ impl Scores {
                 let row = rows.next().expect("one row per image");
                 match class {
                     Ok(c) => confusion.add(*c, predicted(row)),
-                    Err(why) => *left_out.entry(why.clone()).or_default() += 1,
+                    Err(why) => {
+                        let l: &mut LeftOut = left_out.entry(why.clone()).or_default();
+                        l.images += 1;
+                        let uid = &cache.records[p.reports[0]].uid;
+                        if !l.reports.contains(uid) {
+                            l.reports.push(uid.clone());
+                        }
+                    }
                 }
             }
         }
@@ -291,8 +309,12 @@ impl Scores {
             self.images,
             s = clf.image_size,
         );
-        for (why, n) in &self.left_out {
-            md.push_str(&format!("\nLeft out: {n} image(s): {why}.\n"));
+        for (why, l) in &self.left_out {
+            md.push_str(&format!(
+                "\nLeft out: {} image(s) of report(s) {}: {why}.\n",
+                l.images,
+                l.reports.join(", ")
+            ));
         }
         md.push_str("\n| finding | images | precision | recall | F1 | paper precision | paper recall | paper F1 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for c in self.prompted() {

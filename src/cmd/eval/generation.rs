@@ -272,6 +272,7 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
         }
         let scores = alignment::judge(
             clf,
+            &cache,
             &prompts,
             classes,
             &images,
