@@ -712,6 +712,40 @@ fn eval_generation_judges_alignment_with_the_classifier_and_the_phantom_measurem
     );
     std::fs::remove_file(other.join("classifier.safetensors")).unwrap();
     generation_fails_writing_nothing("generation", &f.ldm, &bad, &["classifier.safetensors"]);
+
+    // --judge phantom on a report that is not in the phantoms' wording names that report.
+    let edited = scratch("edited-cache");
+    copy_dir(&f.cache, &edited);
+    let path = edited.join("records.jsonl");
+    let mut lines: Vec<Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = lines.iter_mut().find(|r| r["split"] == "test").unwrap();
+    first["text"] = "The heart is normal in size. No acute disease.".into();
+    let uid = first["uid"].as_str().unwrap().to_string();
+    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    std::fs::write(&path, text.join("\n") + "\n").unwrap();
+    let out = scratch("must-not-exist-judge");
+    let res = cxrgen(&[
+        "eval",
+        "generation",
+        "--checkpoint",
+        f.ldm.to_str().unwrap(),
+        "--data",
+        edited.to_str().unwrap(),
+        "--judge",
+        "phantom",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&res);
+    assert!(
+        err.contains(&format!("report {uid} ")) && err.contains("not a phantom report"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }
 
 /// `cxrgen generate` of the first `n` test reports' texts, `per` images each, into `dir`.
