@@ -441,25 +441,32 @@ struct EvalArgs {
 #[derive(Subcommand)]
 enum EvalTask {
     /// A train-vae run's reconstructions of held-out images: SSIM, PSNR, MSE, LPIPS.
-    Vae(EvalCommonArgs),
-    /// Images a train-diffusion run generates from held-out reports: FID and KID with the
-    /// real-vs-real floor, SSIM/PSNR/MSE/LPIPS against each report's image, MS-SSIM diversity.
+    Vae(EvalVaeArgs),
+    /// Images a train-diffusion run generates from held-out reports (or a folder of them): FID
+    /// and KID with the real-vs-real floor, SSIM/PSNR/MSE/LPIPS against each report's image,
+    /// MS-SSIM diversity, and prompt alignment (--classifier, --judge phantom).
     Generation(EvalGenerationArgs),
 }
 
 #[derive(Args)]
-struct EvalCommonArgs {
-    /// A run folder (its best checkpoint, else its last) or checkpoint folder: train-vae for
-    /// `eval vae`, train-diffusion for `eval generation`.
+struct EvalVaeArgs {
+    /// A train-vae run folder (its best checkpoint, else its last) or checkpoint folder.
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
+    #[command(flatten)]
+    common: EvalCommonArgs,
+}
+
+#[derive(Args)]
+struct EvalCommonArgs {
     /// The prepared cache (`cxrgen prepare`) holding the held-out images.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// The split whose images are evaluated.
     #[arg(long, value_enum, default_value_t = SplitArg::Test)]
     split: SplitArg,
-    /// Where the outputs go (default: eval-<task>-<split> in the --checkpoint folder).
+    /// Where the outputs go (default: eval-<task>-<split> in the --checkpoint folder, or in the
+    /// --images folder).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Only these metrics, comma-separated (ssim, psnr, mse, lpips; for generation also fid,
@@ -480,8 +487,24 @@ struct EvalCommonArgs {
 
 #[derive(Args)]
 struct EvalGenerationArgs {
+    /// A train-diffusion run folder (its best checkpoint, else its last) or checkpoint folder.
+    #[arg(long, value_name = "DIR", required_unless_present = "images")]
+    checkpoint: Option<PathBuf>,
     #[command(flatten)]
     common: EvalCommonArgs,
+    /// Evaluate the PNGs of this folder (as `cxrgen generate` writes them: each with its prompt
+    /// in a text chunk, the text of a report of the split) instead of generating.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["checkpoint", "n", "per_prompt", "steps", "sampler", "eta", "guidance_scale", "precision"])]
+    images: Option<PathBuf>,
+    /// A `cxrgen train-classifier` output folder: prompt alignment by the classifier
+    /// (precision, recall, F1 per class, the paper's Table 4), an Inception-Score-like score and
+    /// FID/KID on its features.
+    #[arg(long, value_name = "DIR")]
+    classifier: Option<PathBuf>,
+    /// Prompt alignment by measurement: `phantom` measures each image with the phantom
+    /// measurements against the finding its phantom report states.
+    #[arg(long, value_enum)]
+    judge: Option<JudgeArg>,
     /// Reports of the split to generate from (default: all).
     #[arg(long)]
     n: Option<usize>,
@@ -489,6 +512,7 @@ struct EvalGenerationArgs {
     /// seed + i · per-prompt + j.
     #[arg(long, default_value_t = 2)]
     per_prompt: usize,
+    /// The first image's seed; also the seed of the real-vs-real halves and KID's subsets.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
@@ -496,6 +520,11 @@ struct EvalGenerationArgs {
     /// What the networks compute in (default: f16 on CUDA, f32 on the CPU).
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum JudgeArg {
+    Phantom,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -583,7 +612,10 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Generate(a) => cmd::generate::run(&a.request(progress)),
         Command::Eval(EvalArgs { task }) => cmd::eval::run(&match task {
-            EvalTask::Vae(a) => a.request(cmd::eval::Task::Vae, progress),
+            EvalTask::Vae(a) => {
+                a.common
+                    .request(cmd::eval::Task::Vae, Some(a.checkpoint), progress)
+            }
             EvalTask::Generation(a) => {
                 let opts = cmd::eval::generation::Options {
                     n: a.n,
@@ -592,9 +624,14 @@ pub fn run() -> Result<ExitCode> {
                     sampler: a.sampling.options(),
                     guidance: a.sampling.guidance_scale,
                     precision: a.precision.map(Into::into),
+                    classifier: a.classifier,
+                    judge: a.judge.map(|j| match j {
+                        JudgeArg::Phantom => cmd::eval::judge::Judge::Phantom,
+                    }),
+                    images: a.images,
                 };
                 a.common
-                    .request(cmd::eval::Task::Generation(opts), progress)
+                    .request(cmd::eval::Task::Generation(opts), a.checkpoint, progress)
             }
         }),
         Command::Export(a) => cmd::export::run(&cmd::export::Request {
@@ -657,10 +694,15 @@ impl GenerateArgs {
 }
 
 impl EvalCommonArgs {
-    fn request(self, task: cmd::eval::Task, progress: bool) -> cmd::eval::Request {
+    fn request(
+        self,
+        task: cmd::eval::Task,
+        checkpoint: Option<PathBuf>,
+        progress: bool,
+    ) -> cmd::eval::Request {
         cmd::eval::Request {
             task,
-            checkpoint: self.checkpoint,
+            checkpoint,
             data: self.data,
             split: self.split.into(),
             out: self.out,

@@ -46,6 +46,14 @@ fn fixture() -> &'static Fixture {
     })
 }
 
+/// An empty folder of its own for one test (a weights folder without weights, a folder without
+/// images).
+fn empty_dir(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A folder of its own for one test.
 fn scratch(name: &str) -> PathBuf {
     let dir = fixture().root.join(name);
@@ -58,11 +66,16 @@ fn eval_vae(checkpoint: &Path, out: &Path, extra: &[&str]) -> Output {
 }
 
 fn eval(task: &str, checkpoint: &Path, out: &Path, extra: &[&str]) -> Output {
+    eval_of(task, "--checkpoint", checkpoint, out, extra)
+}
+
+/// `eval <task>` of what `flag` (--checkpoint, --images) names, on the fixture's cache.
+fn eval_of(task: &str, flag: &str, what: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "eval",
         task,
-        "--checkpoint",
-        checkpoint.to_str().unwrap(),
+        flag,
+        what.to_str().unwrap(),
         "--data",
         fixture().cache.to_str().unwrap(),
         "--out",
@@ -99,8 +112,7 @@ fn stderr(out: &Output) -> String {
 #[test]
 fn eval_vae_writes_every_metric_and_longer_training_scores_better() {
     let f = fixture();
-    let no_weights = scratch("no-weights");
-    std::fs::create_dir_all(&no_weights).unwrap();
+    let no_weights = empty_dir("no-weights");
     let weights = ["--weights", no_weights.to_str().unwrap()];
     let early = scratch("early");
     ok(eval_vae(&f.vae, &early, &weights));
@@ -197,8 +209,7 @@ fn eval_vae_reports_lpips_with_its_weights() {
 fn eval_vae_input_errors_name_what_is_wrong_and_write_nothing() {
     let f = fixture();
     // A metric asked for by name whose weights are not fetched.
-    let empty = scratch("empty-weights");
-    std::fs::create_dir_all(&empty).unwrap();
+    let empty = empty_dir("empty-weights");
     fails_writing_nothing(
         &f.vae,
         &["--metrics", "lpips", "--weights", empty.to_str().unwrap()],
@@ -294,8 +305,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn eval_generation_writes_paired_metrics_a_figure_and_says_what_it_left_out() {
     let f = fixture();
-    let empty = scratch("gen-no-weights");
-    std::fs::create_dir_all(&empty).unwrap();
+    let empty = empty_dir("gen-no-weights");
     let out = scratch("gen");
     let args = [
         "--steps",
@@ -429,4 +439,435 @@ fn eval_generation_input_errors_name_what_is_wrong_and_write_nothing() {
         &["--metrics", "fid"],
         &["--metrics fid: not a metric of `eval vae`"],
     );
+}
+
+/// An alignment classifier trained for one epoch on the fixture's cache, over the labels that
+/// are in its train, validation and test splits alike.
+fn classifier() -> &'static PathBuf {
+    static CLASSIFIER: OnceLock<PathBuf> = OnceLock::new();
+    CLASSIFIER.get_or_init(|| {
+        let f = fixture();
+        let records = std::fs::read_to_string(f.cache.join("records.jsonl")).unwrap();
+        let mut by_split: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for line in records.lines() {
+            let r: Value = serde_json::from_str(line).unwrap();
+            by_split
+                .entry(r["split"].as_str().unwrap().into())
+                .or_default()
+                .push(r["label"].as_str().unwrap().into());
+        }
+        let mut classes: Vec<&String> = by_split["test"]
+            .iter()
+            .filter(|l| by_split["train"].contains(l))
+            .collect();
+        classes.sort();
+        classes.dedup();
+        assert!(classes.len() >= 2, "{by_split:?}");
+        assert!(by_split["val"].iter().any(|l| classes.contains(&l)));
+        let classes: Vec<&str> = classes.iter().map(|s| s.as_str()).collect();
+        let out = f.root.join("classifier");
+        ok(cxrgen(&[
+            "train-classifier",
+            "--data",
+            f.cache.to_str().unwrap(),
+            "--classes",
+            &classes.join(","),
+            "--width",
+            "4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        out
+    })
+}
+
+fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn f64_of(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Judge 1's numbers recomputed from the per-image records: the confusion matrix, precision,
+/// recall and F1 per class, the macro means, the Inception-Score-like score; judge 2's counts.
+fn check_judges_against_records(report: &Value, images: usize) {
+    let records = report["images"].as_array().unwrap();
+    assert_eq!(records.len(), images);
+    let m = &report["metrics"];
+    let a = &m["alignment_classifier"];
+    let classes: Vec<&str> = a["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let index = |name: &Value| {
+        name.as_str()
+            .and_then(|n| classes.iter().position(|c| *c == n))
+    };
+    let mut confusion = vec![vec![0usize; classes.len()]; classes.len()];
+    let mut left_out = 0;
+    for r in records {
+        let c = &r["classifier"];
+        let probs: Vec<f64> = c["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(f64_of)
+            .collect();
+        let argmax = (0..probs.len())
+            .max_by(|&x, &y| probs[x].total_cmp(&probs[y]))
+            .unwrap();
+        assert_eq!(index(&c["predicted"]), Some(argmax));
+        match index(&c["class"]) {
+            Some(t) => confusion[t][argmax] += 1,
+            None => left_out += 1,
+        }
+    }
+    assert_eq!(a["confusion"], serde_json::json!(confusion));
+    assert_eq!(a["images"], images);
+    assert_eq!(a["images_judged"], images - left_out);
+    let left: u64 = a["images_left_out"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v["images"].as_u64().unwrap())
+        .sum();
+    assert_eq!(left as usize, left_out);
+    let (mut sums, mut prompted) = ([0.0; 3], 0);
+    for (c, row) in a["per_class"].as_array().unwrap().iter().enumerate() {
+        let support: usize = confusion[c].iter().sum();
+        let predicted: usize = confusion.iter().map(|r| r[c]).sum();
+        let ratio = |x: usize, y: usize| if y == 0 { 0.0 } else { x as f64 / y as f64 };
+        let (p, r) = (
+            ratio(confusion[c][c], predicted),
+            ratio(confusion[c][c], support),
+        );
+        let f1 = if p + r == 0.0 {
+            0.0
+        } else {
+            2.0 * p * r / (p + r)
+        };
+        assert_eq!(row["images"], support);
+        for (key, v) in [("precision", p), ("recall", r), ("f1", f1)] {
+            assert!((f64_of(&row[key]) - v).abs() < 1e-12, "{key}: {row}");
+        }
+        if support > 0 {
+            prompted += 1;
+            for (s, v) in sums.iter_mut().zip([p, r, f1]) {
+                *s += v;
+            }
+        }
+    }
+    for (key, s) in ["precision", "recall", "f1"].iter().zip(sums) {
+        assert!((f64_of(&a["overall"][key]) - s / prompted as f64).abs() < 1e-12);
+    }
+    // exp(E KL(p(y|x) || p(y))) from the records' probabilities.
+    let probs: Vec<Vec<f64>> = records
+        .iter()
+        .map(|r| {
+            r["classifier"]["probabilities"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(f64_of)
+                .collect()
+        })
+        .collect();
+    let marginal: Vec<f64> = (0..classes.len())
+        .map(|c| probs.iter().map(|p| p[c]).sum::<f64>() / images as f64)
+        .collect();
+    let kl: f64 = probs
+        .iter()
+        .map(|p| {
+            (0..p.len())
+                .map(|c| p[c] * (p[c] / marginal[c]).ln())
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / images as f64;
+    let is_like = &m["inception_score_like_on_classifier"];
+    assert!(
+        (f64_of(&is_like["value"]) - kl.exp()).abs() < 1e-9,
+        "{is_like}"
+    );
+    assert_eq!(
+        is_like["name"],
+        "Inception-Score-like score on this classifier"
+    );
+    let v = f64_of(&is_like["value"]);
+    assert!((1.0 - 1e-9..=classes.len() as f64 + 1e-9).contains(&v));
+
+    // Judge 2: the counts per prompted kind and in all.
+    let j = &m["alignment_phantom"]["generated"];
+    let (mut agree, mut kind, mut n) = (0, 0, 0);
+    for row in j
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "all")
+        .map(|(_, v)| v)
+    {
+        n += row["images"].as_u64().unwrap();
+        agree += row["agree"]["hits"].as_u64().unwrap();
+        kind += row["kind_agrees"]["hits"].as_u64().unwrap();
+    }
+    let count = |key: &str| records.iter().filter(|r| r["phantom"][key] == true).count() as u64;
+    assert_eq!(
+        (n, agree, kind),
+        (images as u64, count("agrees"), count("kind_agrees"))
+    );
+    assert_eq!(j["all"]["images"], images);
+    assert_eq!(j["all"]["agree"]["hits"], agree);
+    let all = &j["all"]["agree"];
+    let (low, rate, high) = (
+        f64_of(&all["low"]),
+        f64_of(&all["rate"]),
+        f64_of(&all["high"]),
+    );
+    assert!(low <= rate && rate <= high && (0.0..=1.0).contains(&low) && high <= 1.0);
+    for r in records {
+        assert!(r["phantom"]["prompted"].as_str().is_some(), "{r}");
+        assert!(r["phantom"]["measured"].as_str().is_some(), "{r}");
+    }
+}
+
+#[test]
+fn eval_generation_judges_alignment_with_the_classifier_and_the_phantom_measurements() {
+    let (f, clf) = (fixture(), classifier());
+    let no_weights = empty_dir("judges-no-weights");
+    let (clf_dir, weights) = (clf.to_str().unwrap(), no_weights.to_str().unwrap());
+    let args = [
+        "--classifier",
+        clf_dir,
+        "--judge",
+        "phantom",
+        "--weights",
+        weights,
+        "--steps",
+        "2",
+        "--per-prompt",
+        "2",
+    ];
+    let out = scratch("judges");
+    ok(eval("generation", &f.ldm, &out, &args));
+    let report = read_json(&out.join("eval.json"));
+    let images = 2 * f.test_images;
+    check_judges_against_records(&report, images);
+    let m = &report["metrics"];
+    let a = &m["alignment_classifier"];
+    assert_eq!(
+        a["weights_sha256"],
+        sha256_of(&clf.join("classifier.safetensors"))
+    );
+    assert_eq!(a["classifier"], clf.display().to_string());
+    // In-domain FID and KID with their floor, though Inception's weights are absent.
+    let fid = &m["classifier_fid"];
+    assert!(
+        f64_of(&fid["value"]) >= 0.0 && f64_of(&fid["floor_value"]) >= 0.0,
+        "{fid}"
+    );
+    assert_eq!(fid["generated_images"], images);
+    assert_eq!(fid["real_images"], f.test_images);
+    assert!(fid["extractor"].as_str().unwrap().contains("classifier"));
+    assert!(f64_of(&m["classifier_kid"]["floor_mean"]).is_finite());
+    assert!(m.get("fid").is_none(), "Inception's FID needs its weights");
+    // The ceiling: every held-out real phantom measured against its own report.
+    let ceiling = &m["alignment_phantom"]["real_ceiling"]["all"];
+    assert_eq!(ceiling["images"], f.test_images);
+    assert_eq!(m["alignment_phantom"]["real_not_phantom_reports"], 0);
+    let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
+    for needle in [
+        "Table 4",
+        "| Overall (macro) |",
+        "Inception-Score-like score on this classifier",
+        "judge 2: the phantom measurements",
+        "(in-domain",
+    ] {
+        assert!(md.contains(needle), "{needle}: {md}");
+    }
+    let figure = image::open(out.join("alignment-confusion.png")).unwrap();
+    assert!(figure.width() > 0);
+
+    // A classifier of another image size, or without its weights: errors naming the file.
+    let other = scratch("classifier-32");
+    copy_dir(clf, &other);
+    let json_path = other.join("classifier.json");
+    let mut saved = read_json(&json_path);
+    saved["image_size"] = 32.into();
+    std::fs::write(&json_path, saved.to_string()).unwrap();
+    let mut bad = args;
+    bad[1] = other.to_str().unwrap();
+    generation_fails_writing_nothing(
+        "generation",
+        &f.ldm,
+        &bad,
+        &["trained on 32×32", "classifier.json"],
+    );
+    std::fs::remove_file(other.join("classifier.safetensors")).unwrap();
+    generation_fails_writing_nothing("generation", &f.ldm, &bad, &["classifier.safetensors"]);
+
+    // --judge phantom on a report that is not in the phantoms' wording names that report.
+    let edited = scratch("edited-cache");
+    copy_dir(&f.cache, &edited);
+    let path = edited.join("records.jsonl");
+    let mut lines: Vec<Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = lines.iter_mut().find(|r| r["split"] == "test").unwrap();
+    first["text"] = "The heart is normal in size. No acute disease.".into();
+    let uid = first["uid"].as_str().unwrap().to_string();
+    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    std::fs::write(&path, text.join("\n") + "\n").unwrap();
+    let out = scratch("must-not-exist-judge");
+    let res = cxrgen(&[
+        "eval",
+        "generation",
+        "--checkpoint",
+        f.ldm.to_str().unwrap(),
+        "--data",
+        edited.to_str().unwrap(),
+        "--judge",
+        "phantom",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&res);
+    assert!(
+        err.contains(&format!("report {uid} ")) && err.contains("not a phantom report"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// `cxrgen generate` of the first `n` test reports' texts, `per` images each, into `dir`.
+fn generate_from_test_reports(dir: &Path, n: usize, per: usize) {
+    let records = std::fs::read_to_string(fixture().cache.join("records.jsonl")).unwrap();
+    let texts: Vec<String> = records
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["split"] == "test")
+        .take(n)
+        .map(|r| r["text"].as_str().unwrap().to_string())
+        .collect();
+    let prompts = dir.with_extension("prompts.txt");
+    std::fs::write(&prompts, texts.join("\n") + "\n").unwrap();
+    ok(cxrgen(&[
+        "generate",
+        "--checkpoint",
+        fixture().ldm.to_str().unwrap(),
+        "--prompts-file",
+        prompts.to_str().unwrap(),
+        "--n",
+        &per.to_string(),
+        "--steps",
+        "2",
+        "--out",
+        dir.to_str().unwrap(),
+    ]));
+}
+
+fn eval_images(images: &Path, out: &Path, extra: &[&str]) -> Output {
+    eval_of("generation", "--images", images, out, extra)
+}
+
+#[test]
+fn eval_generation_reads_a_folder_of_generated_images() {
+    let clf = classifier();
+    let gen = scratch("generated");
+    generate_from_test_reports(&gen, 4, 2);
+    let empty = empty_dir("images-no-weights");
+    let out = scratch("images-eval");
+    let extra = [
+        "--classifier",
+        clf.to_str().unwrap(),
+        "--judge",
+        "phantom",
+        "--weights",
+        empty.to_str().unwrap(),
+    ];
+    ok(eval_images(&gen, &out, &extra));
+    let report = read_json(&out.join("eval.json"));
+    assert_eq!(report["generation"]["files"], 8);
+    assert_eq!(report["generation"]["images"], 8);
+    let shas = report["generation"]["checkpoint_sha256"]
+        .as_array()
+        .unwrap();
+    assert!(shas.len() == 1 && is_sha256(&shas[0]), "{shas:?}");
+    check_judges_against_records(&report, 8);
+    for r in report["images"].as_array().unwrap() {
+        assert!(
+            Path::new(r["source"].as_str().unwrap()).starts_with(&gen),
+            "{r}"
+        );
+    }
+    // Prompts with the same text are one prompt; each is paired with its report's image.
+    let prompts = report["data"]["reports"].as_u64().unwrap();
+    assert!((1..=4).contains(&prompts));
+    assert_eq!(report["metrics"]["ssim"]["n"], prompts);
+
+    // Bad folders: each error names the file, and nothing is written.
+    let fails = |dir: &Path, needles: &[&str]| {
+        let out = scratch("must-not-exist-images");
+        let res = eval_images(dir, &out, &["--weights", empty.to_str().unwrap()]);
+        assert_eq!(res.status.code(), Some(1));
+        let err = stderr(&res);
+        for needle in needles {
+            assert!(err.contains(needle), "{needle:?} not in: {err}");
+        }
+        assert!(!out.exists(), "nothing written");
+    };
+    let none = empty_dir("no-pngs");
+    fails(&none, &["no PNG files"]);
+    let first = gen.join("p00001-00000000.png");
+    let prompt = cxrgen::io::png::read_text(&first).unwrap()["prompt"].clone();
+    let bad = empty_dir("bad-pngs");
+    std::fs::copy(&first, bad.join("a.png")).unwrap();
+    // Another size.
+    let small = bad.join("b-small.png");
+    cxrgen::io::png::write(
+        &small,
+        cxrgen::io::png::Pixels::Eight(&[128; 32 * 32]),
+        32,
+        &[("prompt", prompt.clone())],
+    )
+    .unwrap();
+    fails(&bad, &["b-small.png", "32×32", "64×64"]);
+    std::fs::remove_file(&small).unwrap();
+    // Three channels.
+    let rgb = bad.join("c-rgb.png");
+    {
+        let file = std::fs::File::create(&rgb).unwrap();
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), 64, 64);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_itxt_chunk("prompt".into(), prompt.clone()).unwrap();
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&[100; 64 * 64 * 3]).unwrap();
+    }
+    fails(&bad, &["c-rgb.png", "1-channel"]);
+    std::fs::remove_file(&rgb).unwrap();
+    // No prompt, and a prompt that is no report of the split.
+    std::fs::write(bad.join("d-plain.png"), common::tiny_png()).unwrap();
+    fails(&bad, &["d-plain.png", "no `prompt` text chunk"]);
+    std::fs::remove_file(bad.join("d-plain.png")).unwrap();
+    cxrgen::io::png::write(
+        &bad.join("e-other.png"),
+        cxrgen::io::png::Pixels::Eight(&[128; 64 * 64]),
+        64,
+        &[("prompt", "Sunny weather.".into())],
+    )
+    .unwrap();
+    fails(&bad, &["e-other.png", "not the text of any report"]);
+    // --images replaces the generation flags.
+    let res = eval_images(&gen, &scratch("images-and-n"), &["--n", "2"]);
+    assert_eq!(res.status.code(), Some(2), "{}", stderr(&res));
 }

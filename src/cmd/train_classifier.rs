@@ -28,13 +28,11 @@ use crate::data::split::Split;
 use crate::device::DeviceChoice;
 use crate::eval::classification::{auroc, Confusion};
 use crate::io::fs::{image_bytes, replace_all};
-use crate::model::classifier::{Classifier, ClassifierConfig};
+use crate::model::classifier::{Classifier, ClassifierConfig, REPORT_FILE, WEIGHTS_FILE};
 use crate::model::{count_params, seeded_var_builder};
 use crate::rng::Rng;
 use crate::train::optim::{learning_rate, AdamW};
 
-pub const WEIGHTS_FILE: &str = "classifier.safetensors";
-pub const REPORT_FILE: &str = "classifier.json";
 pub const CONFUSION_FILE: &str = "confusion.png";
 pub const SUMMARY_FILE: &str = "classifier.md";
 

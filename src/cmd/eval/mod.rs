@@ -3,7 +3,10 @@
 //! - `vae.rs`, [`generation`]: `cxrgen eval vae` and `cxrgen eval generation`.
 //! - `paired.rs`: the paired metrics both compute (SSIM, PSNR, MSE, LPIPS), accumulated image by
 //!   image; `report.rs`: the held-out images, progress, and the outputs (eval.json, eval.md, the
-//!   figure), written all at once or not at all.
+//!   figures), written all at once or not at all.
+//! - For `eval generation`: `distribution.rs` (FID and KID with the real-vs-real floor, on
+//!   Inception's or the classifier's features), `alignment.rs` (judge 1: the alignment
+//!   classifier), [`judge`] (judge 2: the phantom measurements), `images.rs` (`--images DIR`).
 //!
 //! docs/evaluation.md gives each metric's recipe and the reference it is checked against.
 
@@ -20,7 +23,11 @@ use crate::data::split::Split;
 use crate::device::DeviceChoice;
 use crate::eval::weights;
 
+mod alignment;
+mod distribution;
 pub mod generation;
+mod images;
+pub mod judge;
 mod paired;
 mod report;
 mod vae;
@@ -107,14 +114,27 @@ impl fmt::Display for Metric {
     }
 }
 
+/// One prompt of `eval generation` and where its images come from.
+pub struct Prompt {
+    /// The text the images were generated from.
+    pub text: String,
+    /// The cache indices of the split's reports with this text (generating: the one report it
+    /// is); the first one's real image is paired with the prompt's first image.
+    pub reports: Vec<usize>,
+    /// Per image, where it came from: `seed N`, or its file.
+    pub sources: Vec<String>,
+}
+
 pub struct Request {
     pub task: Task,
-    /// A run folder (its best checkpoint, else its last) or a checkpoint folder.
-    pub checkpoint: PathBuf,
+    /// A run folder (its best checkpoint, else its last) or a checkpoint folder; None only for
+    /// `eval generation --images`.
+    pub checkpoint: Option<PathBuf>,
     /// The prepared cache holding the held-out images.
     pub data: PathBuf,
     pub split: Split,
-    /// None: `eval-<task>-<split>` inside the run folder given as `checkpoint`.
+    /// None: `eval-<task>-<split>` inside the run folder given as `checkpoint` (with `--images`,
+    /// inside that folder).
     pub out: Option<PathBuf>,
     /// None: every metric of the task, those whose weights are not fetched left out with a
     /// line saying so; Some: exactly these, a missing weights file being an error.
@@ -130,7 +150,14 @@ impl Request {
     /// The output folder.
     pub fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {
+            let images = match &self.task {
+                Task::Generation(o) => o.images.as_ref(),
+                Task::Vae => None,
+            };
             self.checkpoint
+                .as_ref()
+                .or(images)
+                .map_or_else(PathBuf::new, PathBuf::clone)
                 .join(format!("eval-{}-{}", self.task.name(), self.split))
         })
     }

@@ -24,9 +24,13 @@ pub fn run(req: &Request) -> Result<ExitCode> {
     let asked = req.asked_metrics()?;
     let device = crate::device::open(req.device)?;
     // A train-vae run folder (its best checkpoint, else its last) or checkpoint folder.
-    let ckpt = Checkpoint::resolve(&req.checkpoint, Pick::BestElseLast)
+    let checkpoint = req
+        .checkpoint
+        .as_ref()
+        .context("eval vae needs --checkpoint")?;
+    let ckpt = Checkpoint::resolve(checkpoint, Pick::BestElseLast)
         .and_then(|c| c.of_stage(Stage::Vae))
-        .with_context(|| format!("--checkpoint {}", req.checkpoint.display()))?;
+        .with_context(|| format!("--checkpoint {}", checkpoint.display()))?;
     let trained = TrainedVae::trained_in(&ckpt, &device)?;
     let cache = Cache::open(&req.data).with_context(|| format!("--data {}", req.data.display()))?;
     let size = ckpt.state.config.data.image_size;

@@ -50,6 +50,17 @@ impl Measurement {
             (Some(_), Some(_)) => None,
         }
     }
+
+    /// What the measurements read, in words: a finding ([`Finding::name`]), `several
+    /// findings`, `no heart found` or `no lung fields`.
+    pub fn label(&self) -> String {
+        match (self.lung_fields, self.ctr, self.finding()) {
+            (false, _, _) => "no lung fields".into(),
+            (true, None, _) => "no heart found".into(),
+            (true, Some(_), None) => "several findings".into(),
+            (true, Some(_), Some(f)) => f.name(),
+        }
+    }
 }
 
 /// Measures the cardiothoracic ratio, a blunted costophrenic angle, a pneumothorax's air rim

@@ -30,6 +30,7 @@ mod report;
 pub use dataset::{write_dataset, TRUTH_COLUMNS};
 pub use measure::{measure, Measurement};
 pub use render::render;
+pub use report::read_finding;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -122,6 +123,38 @@ impl Finding {
             Finding::Pneumothorax(side(rng))
         } else {
             Finding::Consolidation(Lobe::ALL[rng.below(5)])
+        }
+    }
+
+    /// Every finding a phantom can have: normal, cardiomegaly, an effusion and a pneumothorax on
+    /// each side, a consolidation in each lobe.
+    pub fn all() -> Vec<Finding> {
+        let mut all = vec![Finding::Normal, Finding::Cardiomegaly];
+        for side in [Side::Right, Side::Left] {
+            all.extend([Finding::Effusion(side), Finding::Pneumothorax(side)]);
+        }
+        all.extend(Lobe::ALL.map(Finding::Consolidation));
+        all
+    }
+
+    /// The kinds of [`Finding::kind`], in this order.
+    pub const KINDS: [&'static str; 5] = [
+        "normal",
+        "cardiomegaly",
+        "effusion",
+        "pneumothorax",
+        "consolidation",
+    ];
+
+    /// The finding in words, with its side or lobe: `effusion right`, `consolidation right
+    /// lower lobe`.
+    pub fn name(&self) -> String {
+        match self {
+            Finding::Normal | Finding::Cardiomegaly => self.kind().into(),
+            Finding::Effusion(s) | Finding::Pneumothorax(s) => {
+                format!("{} {}", self.kind(), s.name())
+            }
+            Finding::Consolidation(l) => format!("consolidation {}", l.name()),
         }
     }
 
