@@ -26,8 +26,8 @@ mod report;
 
 use report::{ModelResults, Summary};
 
-/// One prompt of the demo and the finding it asks for. The texts are reports in the phantoms'
-/// own wording (findings, then impression), the kind of text the model was trained on.
+/// One prompt of the demo and the finding it asks for. The texts are impressions in the
+/// phantoms' own wording: the demo config conditions on the impression alone.
 pub struct DemoPrompt {
     /// A short name for tables and captions.
     pub name: &'static str,
@@ -39,37 +39,37 @@ pub const PROMPTS: [DemoPrompt; 7] = [
     DemoPrompt {
         name: "normal",
         finding: Finding::Normal,
-        text: "The heart size is normal. The lungs are clear. No pleural effusion or pneumothorax. No acute cardiopulmonary abnormality.",
+        text: "No acute cardiopulmonary abnormality.",
     },
     DemoPrompt {
         name: "cardiomegaly",
         finding: Finding::Cardiomegaly,
-        text: "The heart is enlarged. The lungs are clear. No pleural effusion or pneumothorax. Cardiomegaly.",
+        text: "Cardiomegaly.",
     },
     DemoPrompt {
         name: "effusion right",
         finding: Finding::Effusion(Side::Right),
-        text: "The heart size is normal. Blunting of the right costophrenic angle with a meniscus. No pneumothorax. Right pleural effusion.",
+        text: "Right pleural effusion.",
     },
     DemoPrompt {
         name: "effusion left",
         finding: Finding::Effusion(Side::Left),
-        text: "The heart size is normal. Blunting of the left costophrenic angle with a meniscus. No pneumothorax. Left pleural effusion.",
+        text: "Left pleural effusion.",
     },
     DemoPrompt {
         name: "pneumothorax right",
         finding: Finding::Pneumothorax(Side::Right),
-        text: "The heart size is normal. A right pleural line is seen with no lung markings beyond it. No pleural effusion. Right pneumothorax.",
+        text: "Right pneumothorax.",
     },
     DemoPrompt {
         name: "pneumothorax left",
         finding: Finding::Pneumothorax(Side::Left),
-        text: "The heart size is normal. A left pleural line is seen with no lung markings beyond it. No pleural effusion. Left pneumothorax.",
+        text: "Left pneumothorax.",
     },
     DemoPrompt {
         name: "consolidation rll",
         finding: Finding::Consolidation(Lobe::RightLower),
-        text: "The heart size is normal. Focal airspace consolidation in the right lower lobe. No pleural effusion or pneumothorax. Right lower lobe pneumonia.",
+        text: "Right lower lobe pneumonia.",
     },
 ];
 
@@ -112,7 +112,7 @@ impl Plan {
                 vae_epochs: None,
                 diffusion_epochs: None,
                 seeds: 10,
-                sampling_steps: 30,
+                sampling_steps: SAMPLER.steps,
                 judge_phantoms: 400,
             }
         }
@@ -121,8 +121,17 @@ impl Plan {
 
 /// The phantoms' seed: the demo is the same on every machine.
 const SEED: u64 = 0;
-/// Classifier-free guidance: strong, so that the prompt shows in a briefly trained model.
-pub const GUIDANCE: f64 = 5.0;
+/// Classifier-free guidance: enough that the prompt shows in a briefly trained model; at 5 and
+/// more its images fall apart more often (docs/demo.md).
+pub const GUIDANCE: f64 = 3.0;
+/// The sampler: DDIM with η = 1, whose fresh noise at every step corrects the errors of a
+/// briefly trained model that the deterministic samplers (DDIM η = 0, DPM-Solver++) carry along
+/// until half of the seeds end in noise (docs/demo.md).
+pub const SAMPLER: SamplerOptions = SamplerOptions {
+    kind: SamplerKind::Ddim,
+    steps: 50,
+    eta: 1.0,
+};
 
 pub fn run(req: &Request) -> Result<ExitCode> {
     let out = &req.out;
@@ -314,9 +323,8 @@ fn generate(
         n: plan.seeds,
         seed: 0,
         sampler: SamplerOptions {
-            kind: SamplerKind::DpmPp2m,
             steps: plan.sampling_steps,
-            eta: 0.0,
+            ..SAMPLER
         },
         guidance: GUIDANCE,
         batch_size: None,
@@ -343,16 +351,19 @@ fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::clean::clean_report;
     use crate::data::phantom::render;
     use crate::rng::Rng;
 
     #[test]
-    fn every_prompt_is_a_report_the_phantoms_come_with() {
-        // The phantom writer's reports for each finding, over many draws of its wording.
+    fn every_prompt_is_a_text_the_demo_model_is_trained_on() {
+        // The phantom writer's reports for each finding, over many draws of its wording, made
+        // into conditioning text as the demo config says.
+        let sections = Config::load("demo").unwrap().data.text;
         for p in &PROMPTS {
             let found = (0..500).any(|seed| {
                 let ph = render(32, p.finding, &mut Rng::new(seed));
-                format!("{} {}", ph.findings_text, ph.impression_text) == p.text
+                clean_report(&ph.findings_text, &ph.impression_text, sections) == p.text
             });
             assert!(found, "{}: not a phantom report: {}", p.name, p.text);
         }

@@ -417,7 +417,7 @@ impl Summary {
             .sum();
         let _ = writeln!(s, "# cxrgen demo\n");
         let sampling = format!(
-            "{} images per prompt (seeds 0–{}, DPM-Solver++ {} steps, guidance {}), each \
+            "{} images per prompt (seeds 0–{}, DDIM η = 1, {} steps, guidance {}), each \
              measured back with the phantom measurements",
             self.seeds,
             self.seeds.saturating_sub(1),
