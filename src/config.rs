@@ -725,6 +725,21 @@ mod tests {
     }
 
     #[test]
+    fn every_config_file_loads_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                Config::load(path.to_str().unwrap())
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                files += 1;
+            }
+        }
+        assert!(files >= 7, "{files} config files in {}", dir.display());
+    }
+
+    #[test]
     fn unknown_key_is_rejected_with_its_name() {
         let text = PRESETS[1].1.replace("  mid_attention:", "  mid_atention:");
         let err = format!("{:#}", Config::from_yaml(&text).unwrap_err());
