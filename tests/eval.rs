@@ -71,18 +71,35 @@ fn eval(task: &str, checkpoint: &Path, out: &Path, extra: &[&str]) -> Output {
 
 /// `eval <task>` of what `flag` (--checkpoint, --images) names, on the fixture's cache.
 fn eval_of(task: &str, flag: &str, what: &Path, out: &Path, extra: &[&str]) -> Output {
+    eval_on(task, flag, what, &fixture().cache, out, extra)
+}
+
+/// The same on the cache `data`.
+fn eval_on(task: &str, flag: &str, what: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "eval",
         task,
         flag,
         what.to_str().unwrap(),
         "--data",
-        fixture().cache.to_str().unwrap(),
+        data.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
     cxrgen(&args)
+}
+
+/// `eval generation` of the fixture's model on another cache than the fixture's.
+fn generation_on(cache: &Path, out: &Path, extra: &[&str]) -> Output {
+    eval_on(
+        "generation",
+        "--checkpoint",
+        &fixture().ldm,
+        cache,
+        out,
+        extra,
+    )
 }
 
 /// Whether the weights `file` is in the default folder; if not, says that the test is skipped.
@@ -441,6 +458,28 @@ fn eval_generation_input_errors_name_what_is_wrong_and_write_nothing() {
     );
 }
 
+#[test]
+fn eval_generation_refuses_a_cache_of_other_texts_than_the_models() {
+    // The fixture's cache as if prepared with `data.text: impression`; the model read both
+    // sections, so the held-out reports would be prompts of a kind it never saw.
+    let f = fixture();
+    let cache = scratch("impression-cache");
+    copy_dir(&f.cache, &cache);
+    let meta = cache.join("cache.json");
+    let mut m = read_json(&meta);
+    m["text"] = "impression".into();
+    std::fs::write(&meta, m.to_string()).unwrap();
+    let out = scratch("must-not-exist-text");
+    let res = generation_on(&cache, &out, &[]);
+    assert_eq!(res.status.code(), Some(1));
+    let err = stderr(&res);
+    assert!(
+        err.contains("texts are made from impression but the model was trained on data.text = findings_and_impression"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+}
+
 /// An alignment classifier trained for one epoch on the fixture's cache, over the labels that
 /// are in its train, validation and test splits alike.
 fn classifier() -> &'static PathBuf {
@@ -728,18 +767,7 @@ fn eval_generation_judges_alignment_with_the_classifier_and_the_phantom_measurem
     let text: Vec<String> = lines.iter().map(Value::to_string).collect();
     std::fs::write(&path, text.join("\n") + "\n").unwrap();
     let out = scratch("must-not-exist-judge");
-    let res = cxrgen(&[
-        "eval",
-        "generation",
-        "--checkpoint",
-        f.ldm.to_str().unwrap(),
-        "--data",
-        edited.to_str().unwrap(),
-        "--judge",
-        "phantom",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let res = generation_on(&edited, &out, &["--judge", "phantom"]);
     let err = stderr(&res);
     assert!(
         err.contains(&format!("report {uid} ")) && err.contains("not a phantom report"),

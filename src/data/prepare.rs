@@ -22,7 +22,7 @@ use super::decode::load_gray;
 use super::record::{Collection, Dropped, Record};
 use super::split::{self, Split};
 use super::{iu, manifest};
-use crate::config::{Config, TextRequirement};
+use crate::config::{Config, TextRequirement, TextSections};
 use crate::io::fs::write_synced;
 
 /// Images per safetensors shard (64 MiB at 256×256).
@@ -161,7 +161,10 @@ pub fn prepare(cfg: &Config, opts: &PrepareOptions) -> Result<Summary> {
         if text.is_empty() && cfg.data.require != TextRequirement::Any {
             collection.excluded.push(Dropped {
                 item: r.image.display().to_string(),
-                reason: "report is empty after cleaning".into(),
+                reason: match cfg.data.text {
+                    TextSections::FindingsAndImpression => "report is empty after cleaning".into(),
+                    one => format!("{one} (data.text) is empty after cleaning"),
+                },
             });
         } else {
             records.push(r);

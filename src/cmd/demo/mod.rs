@@ -180,6 +180,8 @@ pub fn run(req: &Request) -> Result<ExitCode> {
         phantoms: plan.phantoms,
         image_size: cfg.data.image_size,
         seeds: plan.seeds,
+        sampler: SAMPLER.kind.name(),
+        eta: SAMPLER.eta,
         sampling_steps: plan.sampling_steps,
         guidance_scale: GUIDANCE,
         vae_steps: 0,

@@ -365,6 +365,9 @@ pub struct Summary {
     pub phantoms: usize,
     pub image_size: usize,
     pub seeds: usize,
+    /// The sampler's name (`cxrgen generate --sampler`) and its η.
+    pub sampler: &'static str,
+    pub eta: f64,
     pub sampling_steps: usize,
     pub guidance_scale: f64,
     pub vae_steps: u64,
@@ -417,10 +420,12 @@ impl Summary {
             .sum();
         let _ = writeln!(s, "# cxrgen demo\n");
         let sampling = format!(
-            "{} images per prompt (seeds 0–{}, DDIM η = 1, {} steps, guidance {}), each \
+            "{} images per prompt (seeds 0–{}, {} η = {}, {} steps, guidance {}), each \
              measured back with the phantom measurements",
             self.seeds,
             self.seeds.saturating_sub(1),
+            self.sampler,
+            self.eta,
             self.sampling_steps,
             self.guidance_scale
         );

@@ -110,6 +110,16 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
                 "--steps {}: the model has {t_max} diffusion timesteps",
                 opts.sampler.steps
             );
+            // The held-out reports become the prompts: they must be the kind of text the model
+            // was trained on.
+            ensure!(
+                cache.meta.text == pipeline.config.data.text,
+                "--data {}: its texts are made from {} but the model was trained on data.text = {}; \
+                 prepare it again with the model's config",
+                req.data.display(),
+                cache.meta.text,
+                pipeline.config.data.text
+            );
             let size = pipeline.config.data.image_size;
             let real = held_out(req, &cache, size)?;
             let prompts = report_prompts(req, opts, &cache, &real)?;
@@ -350,7 +360,7 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
                     folder
                         .checkpoints
                         .iter()
-                        .map(|s| format!("`{}`", &s[..16.min(s.len())]))
+                        .map(|s| format!("`{}`", s.chars().take(16).collect::<String>()))
                         .collect::<Vec<_>>()
                         .join(", ")
                 },

@@ -82,9 +82,11 @@ pub fn load(
         let prompt = squash(prompt);
         if !reports.contains_key(&prompt) {
             bail!(
-                "{}: its prompt is not the text of any report of the {split} split of {}: \"{prompt}\"",
+                "{}: its prompt is not the text of any report of the {split} split of {} (whose \
+                 texts are made from {}: data.text): \"{prompt}\"",
                 file.display(),
-                cache.dir.display()
+                cache.dir.display(),
+                cache.meta.text
             )
         }
         if let Some(sha) = text.get("checkpoint_sha256") {
