@@ -46,6 +46,24 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// Fixes candle's CPU thread count for the whole process, before any thread starts. Unless
+/// `RAYON_NUM_THREADS` holds a positive count, candle 0.11.1 works its count out afresh at every
+/// matrix product, reading `/proc/cpuinfo` on a machine like ours: a third of a small model's
+/// CPU training step went to those reads (docs/performance.md). The count set is the one candle
+/// would have found, so nothing else changes.
+pub fn fix_cpu_thread_count() {
+    let set = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > 0);
+    if !set {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            candle_core::utils::get_num_threads().to_string(),
+        );
+    }
+}
+
 /// Whether this binary was built with the `cuda` feature.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 

@@ -8,6 +8,8 @@ use cxrgen::opcount::CountingAllocator;
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 fn main() -> ExitCode {
+    // First: the Ctrl-C handler below starts a thread.
+    cxrgen::device::fix_cpu_thread_count();
     if let Err(err) = interrupt::install() {
         eprintln!("warning: Ctrl-C will not be handled gracefully: {err}");
     }
