@@ -1,4 +1,6 @@
-//! A 2-D convolution whose input gradient is computed as convolutions.
+//! A 2-D convolution whose gradients are matrix products: on the CPU in F32 the blocked kernels
+//! of [`super::kernels::conv_cpu`]; elsewhere candle's convolution with the input gradient
+//! computed as convolutions (below).
 //!
 //! candle differentiates `conv2d` with respect to its input through `conv_transpose2d`, a direct
 //! loop on the CPU and a naive kernel on CUDA: the slowest part of a training step (a 3×3 conv of
@@ -10,13 +12,27 @@
 //! taps of its phase: the same arithmetic as the forward pass, none of it on zeros. The kernel
 //! gradient keeps candle's formula (already a convolution).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use super::kernels::conv_cpu::Conv2dCpu;
 
 use super::precomputed::Precomputed;
 
 /// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] with symmetric `padding` and `stride` (dilation
 /// 1, one group) → [B, C_out, H', W'].
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        let op = Conv2dCpu {
+            pad: padding,
+            stride,
+        };
+        return x.contiguous()?.apply_op2(&w.contiguous()?, op);
+    }
+    composite(x, w, padding, stride)
+}
+
+/// candle's convolution, with the input gradient as convolutions (CUDA, and F16/BF16 on the CPU).
+fn composite(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     if !x.track_op() && !w.track_op() {
         return x.conv2d(w, padding, stride, 1, 1);
     }
@@ -246,8 +262,24 @@ mod tests {
         Ok((y, gx, gw))
     }
 
-    /// Ours against [`by_definition`].
+    /// Both paths against [`by_definition`]: the CPU kernels and the composite (CUDA's).
     fn compare(
+        b: usize,
+        ci: usize,
+        co: usize,
+        hw: (usize, usize),
+        k: usize,
+        p: usize,
+        s: usize,
+    ) -> Result<()> {
+        compare_with(conv2d, b, ci, co, hw, k, p, s)?;
+        compare_with(composite, b, ci, co, hw, k, p, s)
+    }
+
+    /// `conv` against [`by_definition`].
+    #[allow(clippy::too_many_arguments)]
+    fn compare_with(
+        conv: fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>,
         b: usize,
         ci: usize,
         co: usize,
@@ -259,7 +291,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, ci, hw.0, hw.1), &dev)?)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev)?)?;
-        let y = conv2d(&x, &w, p, s)?;
+        let y = conv(&x, &w, p, s)?;
         let r = Tensor::randn(0f32, 1., y.shape(), &dev)?;
         let grads = (&y * &r)?.sum_all()?.backward()?;
         let (ey, egx, egw) = by_definition(&x, &w, &r, p, s)?;
@@ -305,7 +337,14 @@ mod tests {
     }
 
     #[test]
-    fn inference_takes_candles_path_without_a_copy() {
+    fn blocks_of_rows_cover_large_images() -> Result<()> {
+        // 1 × 3·3·64 × 1,000 columns: more patch elements than a block holds, so several blocks of
+        // rows (the last one shorter), each gathered, multiplied and scattered back.
+        compare_with(conv2d, 2, 64, 3, (1000, 10), 3, 1, 1)
+    }
+
+    #[test]
+    fn inference_records_no_backward() {
         let x = Tensor::ones((1, 1, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let y = conv2d(&x, &w, 1, 1).unwrap();

@@ -4,9 +4,13 @@
 //!
 //! Each op replaces several candle ops, each of which is a kernel launch on CUDA and a pass over
 //! memory on the CPU (`cxrgen bench` counts them, see [`crate::opcount`]).
+//!
+//! One exception, CPU only: `conv_cpu`, the convolution and its gradients as blocked matrix
+//! products in F32 (on CUDA, candle's convolution runs through cuBLAS already).
 
 pub mod attention;
 pub mod bias;
+pub mod conv_cpu;
 pub mod device_check;
 pub mod geglu;
 pub mod norm;

@@ -1,0 +1,338 @@
+//! 2-D convolution on the CPU in F32: forward, input gradient and kernel gradient, each as matrix
+//! products over blocks of output rows (on CUDA and in other precisions, candle's convolution and
+//! [`super::super::conv`]'s gradients run instead).
+//!
+//! candle 0.11.1's CPU convolution first copies the whole input to channels-last, then gathers
+//! each block's patches one value at a time with writes a block's width apart, multiplies, and
+//! copies the result back to channels-first one value at a time; its kernel gradient is a
+//! convolution whose kernel is the output gradient. Here the patch matrix of a block of output
+//! rows is built from the channels-first input one contiguous row segment at a time, the matrix
+//! product writes straight into the output's rows, and both gradients reuse the same blocks:
+//!
+//! - output block  [C_out, P] = W [C_out, K] · cols [K, P]
+//! - input gradient: cols_g [K, P] = Wᵀ · grad block, added back to the input positions each
+//!   column came from (the adjoint of gathering the patches)
+//! - kernel gradient: dW [C_out, K] += grad block [C_out, P] · colsᵀ
+//!
+//! with K = C_in·k·k ordered as the kernel's own [C_in, k, k], and P the block's pixels. A 1×1
+//! convolution without stride or padding reads the input itself as its patch matrix.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// Patch-matrix elements per block: 2 MiB of F32, so that a block stays in the cache.
+const BLOCK_ELEMS: usize = 1 << 19;
+
+/// The sizes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub b: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub k: usize,
+    pub pad: usize,
+    pub stride: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Geometry {
+    /// `x` [B, C_in, H, W], `w` [C_out, C_in, k, k].
+    pub fn new(x: &Shape, w: &Shape, pad: usize, stride: usize) -> Result<Self> {
+        let (b, c_in, h, wd) = x.dims4()?;
+        let (c_out, wc, k, k2) = w.dims4()?;
+        if wc != c_in || k != k2 || stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
+            bail!("conv2d: input {x:?} and kernel {w:?} with padding {pad}, stride {stride} do not fit");
+        }
+        Ok(Self {
+            b,
+            c_in,
+            h,
+            w: wd,
+            c_out,
+            k,
+            pad,
+            stride,
+            oh: (h + 2 * pad - k) / stride + 1,
+            ow: (wd + 2 * pad - k) / stride + 1,
+        })
+    }
+
+    fn patch_len(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+
+    /// The input is its own patch matrix.
+    fn direct(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Output rows per block.
+    fn block_rows(&self) -> usize {
+        (BLOCK_ELEMS / (self.patch_len() * self.ow).max(1)).clamp(1, self.oh)
+    }
+
+    /// Blocks of output rows: (first row, rows).
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (n, oh) = (self.block_rows(), self.oh);
+        (0..oh).step_by(n).map(move |r| (r, n.min(oh - r)))
+    }
+
+    /// Output columns `ox` whose tap `t` reads an input column inside 0..n: a range of `ox`.
+    fn valid(&self, t: usize, n: usize, n_out: usize) -> std::ops::Range<usize> {
+        let (s, p) = (self.stride, self.pad);
+        let lo = p.saturating_sub(t).div_ceil(s);
+        let hi = (n + p).saturating_sub(t).div_ceil(s).min(n_out);
+        lo..hi.max(lo)
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// The patch matrix [K, rows·ow] of output rows `r0..r0 + rows` of one image `x` [C_in, H, W].
+fn gather(g: &Geometry, x: &[f32], (r0, rows): (usize, usize), cols: &mut [f32]) {
+    let (kk, p) = (g.k * g.k, rows * g.ow);
+    cols.par_chunks_mut(kk * p)
+        .zip(x.par_chunks(g.h * g.w))
+        .for_each(|(chunk, xc)| {
+            for (tap, row) in chunk.chunks_mut(p).enumerate() {
+                let (ty, tx) = (tap / g.k, tap % g.k);
+                let valid = g.valid(tx, g.w, g.ow);
+                for (r, dst) in row.chunks_mut(g.ow).enumerate() {
+                    let iy = ((r0 + r) * g.stride + ty) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &xc[iy as usize * g.w..][..g.w];
+                    dst[..valid.start].fill(0.0);
+                    dst[valid.end..].fill(0.0);
+                    let first = valid.start * g.stride + tx - g.pad;
+                    if g.stride == 1 {
+                        dst[valid.clone()].copy_from_slice(&src[first..first + valid.len()]);
+                    } else {
+                        for (d, s) in dst[valid.clone()]
+                            .iter_mut()
+                            .zip(src[first..].iter().step_by(g.stride))
+                        {
+                            *d = *s;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Adds the patch matrix `cols` [K, rows·ow] of output rows `r0..r0 + rows` back to the input
+/// positions its entries came from, in one image's gradient `gx` [C_in, H, W].
+fn scatter_add(g: &Geometry, cols: &[f32], (r0, rows): (usize, usize), gx: &mut [f32]) {
+    let (kk, p) = (g.k * g.k, rows * g.ow);
+    gx.par_chunks_mut(g.h * g.w)
+        .zip(cols.par_chunks(kk * p))
+        .for_each(|(gc, chunk)| {
+            for (tap, row) in chunk.chunks(p).enumerate() {
+                let (ty, tx) = (tap / g.k, tap % g.k);
+                let valid = g.valid(tx, g.w, g.ow);
+                if valid.is_empty() {
+                    continue;
+                }
+                for (r, src) in row.chunks(g.ow).enumerate() {
+                    let iy = ((r0 + r) * g.stride + ty) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let first = valid.start * g.stride + tx - g.pad;
+                    let dst = &mut gc[iy as usize * g.w + first..];
+                    for (j, v) in src[valid.clone()].iter().enumerate() {
+                        dst[j * g.stride] += v;
+                    }
+                }
+            }
+        });
+}
+
+/// dst [m, n] (row stride `dst_rs`) = (`acc` ? dst : 0) + lhs [m, k] · rhs [k, n], each operand
+/// given by its pointer and its (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    acc: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) {
+    // SAFETY: callers pass pointers to buffers that hold every (row, column) the strides reach
+    // for these sizes, and a destination no other thread writes meanwhile.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            acc,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            if acc { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] → [B, C_out, H', W'].
+pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (kl, out_hw) = (g.patch_len(), g.oh * g.ow);
+    let mut y = vec![0f32; g.b * g.c_out * out_hw];
+    let mut cols = Vec::new();
+    for bi in 0..g.b {
+        let xb = &x[bi * g.c_in * g.h * g.w..][..g.c_in * g.h * g.w];
+        for block in g.blocks() {
+            let p = block.1 * g.ow;
+            let rhs = if g.direct() {
+                (xb[block.0 * g.ow..].as_ptr(), g.h * g.w, 1)
+            } else {
+                cols.resize(kl * p, 0.0);
+                gather(g, xb, block, &mut cols);
+                (cols.as_ptr(), p, 1)
+            };
+            let dst = y[(bi * g.c_out) * out_hw + block.0 * g.ow..].as_mut_ptr();
+            matmul(
+                (g.c_out, p, kl),
+                dst,
+                out_hw,
+                false,
+                (w.as_ptr(), kl, 1),
+                rhs,
+            );
+        }
+    }
+    y
+}
+
+/// The gradients of Σ y·`gy` with respect to `x` and `w`, `gy` [B, C_out, H', W'].
+pub(crate) fn backward(g: &Geometry, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (kl, in_hw, out_hw) = (g.patch_len(), g.h * g.w, g.oh * g.ow);
+    let mut gx = vec![0f32; g.b * g.c_in * in_hw];
+    let mut gw = vec![0f32; g.c_out * kl];
+    let (mut cols, mut first) = (Vec::new(), true);
+    for bi in 0..g.b {
+        let xb = &x[bi * g.c_in * in_hw..][..g.c_in * in_hw];
+        let gxb = &mut gx[bi * g.c_in * in_hw..][..g.c_in * in_hw];
+        for block in g.blocks() {
+            let p = block.1 * g.ow;
+            let gyb = (
+                gy[(bi * g.c_out) * out_hw + block.0 * g.ow..].as_ptr(),
+                out_hw,
+                1,
+            );
+            // Wᵀ [K, C_out]: rows of w are its columns.
+            let wt = (w.as_ptr(), 1, kl);
+            if g.direct() {
+                let dst = gxb[block.0 * g.ow..].as_mut_ptr();
+                matmul((kl, p, g.c_out), dst, in_hw, false, wt, gyb);
+                let xs = (xb[block.0 * g.ow..].as_ptr(), 1, in_hw);
+                matmul((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, xs);
+            } else {
+                cols.resize(kl * p, 0.0);
+                matmul((kl, p, g.c_out), cols.as_mut_ptr(), p, false, wt, gyb);
+                scatter_add(g, &cols, block, gxb);
+                gather(g, xb, block, &mut cols);
+                // colsᵀ [P, K]: rows of cols are its columns.
+                let ct = (cols.as_ptr(), 1, p);
+                matmul((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, ct);
+            }
+            first = false;
+        }
+    }
+    (gx, gw)
+}
+
+/// The contiguous F32 elements of a CPU storage, or an error naming `what`.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("conv2d (CPU): {what} must be F32, not {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("conv2d (CPU): {what} must be contiguous"),
+    }
+}
+
+/// The convolution as a custom op on (x, w) [`forward`]; its backward pass is [`backward`].
+pub(crate) struct Conv2dCpu {
+    pub pad: usize,
+    pub stride: usize,
+}
+
+impl CustomOp2 for Conv2dCpu {
+    fn name(&self) -> &'static str {
+        "conv2d-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(xl.shape(), wl.shape(), self.pad, self.stride)?;
+        let y = forward(
+            &g,
+            f32_slice(xs, xl, "input")?,
+            f32_slice(ws, wl, "kernel")?,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.c_out, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        w: &candle_core::Tensor,
+        _: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+        let g = Geometry::new(x.shape(), w.shape(), self.pad, self.stride)?;
+        let (x, w, grad) = (x.detach(), w.detach(), grad.detach().contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(xs),
+            candle_core::Storage::Cpu(ws),
+            candle_core::Storage::Cpu(gs),
+        ) = (&*xs, &*ws, &*gs)
+        else {
+            bail!("conv2d (CPU): a gradient on another device")
+        };
+        let (gx, gw) = backward(
+            &g,
+            f32_slice(xs, xl, "input")?,
+            f32_slice(ws, wl, "kernel")?,
+            f32_slice(gs, gl, "output gradient")?,
+        );
+        let dev = x.device();
+        Ok((
+            Some(candle_core::Tensor::from_vec(gx, x.shape(), dev)?),
+            Some(candle_core::Tensor::from_vec(gw, w.shape(), dev)?),
+        ))
+    }
+}
