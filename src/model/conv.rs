@@ -333,7 +333,10 @@ mod tests {
         compare(1, 2, 3, (11, 10), 3, 0, 2)?;
         compare(2, 3, 2, (8, 9), 1, 0, 2)?; // half the phases meet no tap
         compare(1, 2, 2, (10, 11), 3, 1, 3)?;
-        compare(1, 2, 2, (9, 9), 4, 2, 2)
+        compare(1, 2, 2, (9, 9), 4, 2, 2)?;
+        // Taps that read nothing but padding for every output (a 1×1 image, padding 2).
+        compare(1, 2, 2, (1, 1), 5, 2, 1)?;
+        compare(1, 2, 2, (2, 3), 5, 2, 2)
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl Geometry {
     /// Output columns `ox` whose tap `t` reads an input column inside 0..n: a range of `ox`.
     fn valid(&self, t: usize, n: usize, n_out: usize) -> std::ops::Range<usize> {
         let (s, p) = (self.stride, self.pad);
-        let lo = p.saturating_sub(t).div_ceil(s);
+        let lo = p.saturating_sub(t).div_ceil(s).min(n_out);
         let hi = (n + p).saturating_sub(t).div_ceil(s).min(n_out);
         lo..hi.max(lo)
     }
@@ -109,6 +109,10 @@ fn gather(g: &Geometry, x: &[f32], (r0, rows): (usize, usize), cols: &mut [f32])
                 for (r, dst) in row.chunks_mut(g.ow).enumerate() {
                     let iy = ((r0 + r) * g.stride + ty) as isize - g.pad as isize;
                     if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    if valid.is_empty() {
                         dst.fill(0.0);
                         continue;
                     }
