@@ -50,13 +50,16 @@ impl fmt::Display for DeviceChoice {
 /// `RAYON_NUM_THREADS` holds a positive count, candle 0.11.1 works its count out afresh at every
 /// matrix product, reading `/proc/cpuinfo` on a machine like ours: a third of a small model's
 /// CPU training step went to those reads (docs/performance.md). The count set is the one candle
-/// would have found, so nothing else changes.
+/// would have found; rayon's global pool, which reads the same variable, is built first so that
+/// it keeps its own size (logical CPUs, within the process's CPU set).
 pub fn fix_cpu_thread_count() {
     let set = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n > 0);
     if !set {
+        // An error only means that the pool exists already, sized before the variable was set.
+        let _ = rayon::ThreadPoolBuilder::new().build_global();
         std::env::set_var(
             "RAYON_NUM_THREADS",
             candle_core::utils::get_num_threads().to_string(),

@@ -1,6 +1,6 @@
-//! A 2-D convolution whose gradients are matrix products: on the CPU in F32 the blocked kernels
-//! of [`super::kernels::conv_cpu`]; elsewhere candle's convolution with the input gradient
-//! computed as convolutions (below).
+//! A 2-D convolution that trains fast: on the CPU in F32 the blocked matrix products of
+//! [`super::kernels::conv_cpu`]; elsewhere candle's convolution with the input gradient computed
+//! as convolutions (below).
 //!
 //! candle differentiates `conv2d` with respect to its input through `conv_transpose2d`, a direct
 //! loop on the CPU and a naive kernel on CUDA: the slowest part of a training step (a 3×3 conv of
@@ -343,7 +343,31 @@ mod tests {
     fn blocks_of_rows_cover_large_images() -> Result<()> {
         // 1 × 3·3·64 × 1,000 columns: more patch elements than a block holds, so several blocks of
         // rows (the last one shorter), each gathered, multiplied and scattered back.
-        compare_with(conv2d, 2, 64, 3, (1000, 10), 3, 1, 1)
+        compare_with(conv2d, 2, 64, 3, (1000, 10), 3, 1, 1)?;
+        // The same with stride 2 (3 blocks), and a 1×1 convolution that reads its input as the
+        // patch matrix (2 blocks).
+        compare_with(conv2d, 1, 64, 3, (1000, 10), 3, 1, 2)?;
+        compare_with(conv2d, 1, 64, 3, (1000, 10), 1, 0, 1)
+    }
+
+    #[test]
+    fn an_input_without_gradient_still_gives_the_kernel_its_own() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 7, 6), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 3, 3, 3), &dev)?)?;
+        let y = conv2d(&x, &w, 1, 1)?;
+        let r = Tensor::randn(0f32, 1., y.shape(), &dev)?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let (_, _, egw) = by_definition(&x, &w, &r, 1, 1)?;
+        let gw = grads.get(&w).unwrap().flatten_all()?.to_vec1::<f32>()?;
+        let d = gw
+            .iter()
+            .zip(&egw)
+            .map(|(a, e)| (a - e).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "{d}");
+        assert!(grads.get(&x).is_none());
+        Ok(())
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! 2-D convolution on the CPU in F32: forward, input gradient and kernel gradient, each as matrix
 //! products over blocks of output rows (on CUDA and in other precisions, candle's convolution and
-//! [`super::super::conv`]'s gradients run instead).
+//! [`crate::model::conv`]'s gradients run instead).
 //!
 //! candle 0.11.1's CPU convolution first copies the whole input to channels-last, then gathers
 //! each block's patches one value at a time with writes a block's width apart, multiplies, and
@@ -21,7 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
-/// Patch-matrix elements per block: 2 MiB of F32, so that a block stays in the cache.
+/// Patch-matrix elements per block: 2 MiB of F32, which a last-level cache holds.
 const BLOCK_ELEMS: usize = 1 << 19;
 
 /// The sizes of one convolution.
@@ -44,7 +44,8 @@ impl Geometry {
     pub fn new(x: &Shape, w: &Shape, pad: usize, stride: usize) -> Result<Self> {
         let (b, c_in, h, wd) = x.dims4()?;
         let (c_out, wc, k, k2) = w.dims4()?;
-        if wc != c_in || k != k2 || stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
+        let empty = [b, c_in, h, wd, c_out, k].contains(&0);
+        if empty || wc != c_in || k != k2 || stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
             bail!("conv2d: input {x:?} and kernel {w:?} with padding {pad}, stride {stride} do not fit");
         }
         Ok(Self {
@@ -92,7 +93,7 @@ impl Geometry {
 
 fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
+        1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
     }
 }
@@ -108,11 +109,7 @@ fn gather(g: &Geometry, x: &[f32], (r0, rows): (usize, usize), cols: &mut [f32])
                 let valid = g.valid(tx, g.w, g.ow);
                 for (r, dst) in row.chunks_mut(g.ow).enumerate() {
                     let iy = ((r0 + r) * g.stride + ty) as isize - g.pad as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    if valid.is_empty() {
+                    if iy < 0 || iy >= g.h as isize || valid.is_empty() {
                         dst.fill(0.0);
                         continue;
                     }
@@ -165,8 +162,11 @@ fn scatter_add(g: &Geometry, cols: &[f32], (r0, rows): (usize, usize), gx: &mut 
 
 /// dst [m, n] (row stride `dst_rs`) = (`acc` ? dst : 0) + lhs [m, k] · rhs [k, n], each operand
 /// given by its pointer and its (row, column) strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
+///
+/// # Safety
+/// Every (row, column) the strides reach for these sizes lies inside the buffer its pointer
+/// points into, and nothing else reads or writes `dst`'s elements while this runs.
+unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
@@ -174,8 +174,7 @@ fn matmul(
     lhs: (*const f32, usize, usize),
     rhs: (*const f32, usize, usize),
 ) {
-    // SAFETY: callers pass pointers to buffers that hold every (row, column) the strides reach
-    // for these sizes, and a destination no other thread writes meanwhile.
+    // SAFETY: the caller's contract, forwarded.
     unsafe {
         gemm::gemm(
             m,
@@ -203,43 +202,57 @@ fn matmul(
 
 /// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] → [B, C_out, H', W'].
 pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
-    let (kl, out_hw) = (g.patch_len(), g.oh * g.ow);
+    let (kl, in_hw, out_hw) = (g.patch_len(), g.h * g.w, g.oh * g.ow);
     let mut y = vec![0f32; g.b * g.c_out * out_hw];
     let mut cols = Vec::new();
     for bi in 0..g.b {
-        let xb = &x[bi * g.c_in * g.h * g.w..][..g.c_in * g.h * g.w];
+        let xb = &x[bi * g.c_in * in_hw..][..g.c_in * in_hw];
         for block in g.blocks() {
             let p = block.1 * g.ow;
             let rhs = if g.direct() {
-                (xb[block.0 * g.ow..].as_ptr(), g.h * g.w, 1)
+                (xb[block.0 * g.ow..].as_ptr(), in_hw, 1)
             } else {
                 cols.resize(kl * p, 0.0);
                 gather(g, xb, block, &mut cols);
                 (cols.as_ptr(), p, 1)
             };
             let dst = y[(bi * g.c_out) * out_hw + block.0 * g.ow..].as_mut_ptr();
-            matmul(
-                (g.c_out, p, kl),
-                dst,
-                out_hw,
-                false,
-                (w.as_ptr(), kl, 1),
-                rhs,
-            );
+            // SAFETY: w is [C_out, K]; the patches [K, P] are cols, or for a direct convolution
+            // the block's pixels of xb's C_in = K rows; dst is the block's P pixels of y's C_out
+            // rows of this image, which nothing else touches.
+            unsafe {
+                matmul(
+                    (g.c_out, p, kl),
+                    dst,
+                    out_hw,
+                    false,
+                    (w.as_ptr(), kl, 1),
+                    rhs,
+                )
+            };
         }
     }
     y
 }
 
-/// The gradients of Σ y·`gy` with respect to `x` and `w`, `gy` [B, C_out, H', W'].
-pub(crate) fn backward(g: &Geometry, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// The gradients of Σ y·`gy` with respect to `x` (None unless `want_x`) and `w`,
+/// `gy` [B, C_out, H', W'].
+pub(crate) fn backward(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    gy: &[f32],
+    want_x: bool,
+) -> (Option<Vec<f32>>, Vec<f32>) {
     let (kl, in_hw, out_hw) = (g.patch_len(), g.h * g.w, g.oh * g.ow);
-    let mut gx = vec![0f32; g.b * g.c_in * in_hw];
+    let mut gx = want_x.then(|| vec![0f32; g.b * g.c_in * in_hw]);
     let mut gw = vec![0f32; g.c_out * kl];
     let (mut cols, mut first) = (Vec::new(), true);
     for bi in 0..g.b {
         let xb = &x[bi * g.c_in * in_hw..][..g.c_in * in_hw];
-        let gxb = &mut gx[bi * g.c_in * in_hw..][..g.c_in * in_hw];
+        let mut gxb = gx
+            .as_mut()
+            .map(|gx| &mut gx[bi * g.c_in * in_hw..][..g.c_in * in_hw]);
         for block in g.blocks() {
             let p = block.1 * g.ow;
             let gyb = (
@@ -249,19 +262,27 @@ pub(crate) fn backward(g: &Geometry, x: &[f32], w: &[f32], gy: &[f32]) -> (Vec<f
             );
             // Wᵀ [K, C_out]: rows of w are its columns.
             let wt = (w.as_ptr(), 1, kl);
+            // SAFETY (every product below): gyb is the block's P pixels of gy's C_out rows of
+            // this image, w is [C_out, K], xb and gxb this image's C_in rows of H·W, cols [K, P],
+            // gw [C_out, K]; each destination is written by its product alone.
             if g.direct() {
-                let dst = gxb[block.0 * g.ow..].as_mut_ptr();
-                matmul((kl, p, g.c_out), dst, in_hw, false, wt, gyb);
-                let xs = (xb[block.0 * g.ow..].as_ptr(), 1, in_hw);
-                matmul((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, xs);
+                if let Some(gxb) = gxb.as_deref_mut() {
+                    let dst = gxb[block.0 * g.ow..].as_mut_ptr();
+                    unsafe { matmul((kl, p, g.c_out), dst, in_hw, false, wt, gyb) };
+                }
+                // xᵀ [P, K]: the block's pixels of the C_in = K rows of xb.
+                let xt = (xb[block.0 * g.ow..].as_ptr(), 1, in_hw);
+                unsafe { matmul((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, xt) };
             } else {
                 cols.resize(kl * p, 0.0);
-                matmul((kl, p, g.c_out), cols.as_mut_ptr(), p, false, wt, gyb);
-                scatter_add(g, &cols, block, gxb);
+                if let Some(gxb) = gxb.as_deref_mut() {
+                    unsafe { matmul((kl, p, g.c_out), cols.as_mut_ptr(), p, false, wt, gyb) };
+                    scatter_add(g, &cols, block, gxb);
+                }
                 gather(g, xb, block, &mut cols);
                 // colsᵀ [P, K]: rows of cols are its columns.
                 let ct = (cols.as_ptr(), 1, p);
-                matmul((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, ct);
+                unsafe { matmul((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, ct) };
             }
             first = false;
         }
@@ -315,6 +336,7 @@ impl CustomOp2 for Conv2dCpu {
         grad: &candle_core::Tensor,
     ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
         let g = Geometry::new(x.shape(), w.shape(), self.pad, self.stride)?;
+        let want_x = x.track_op();
         let (x, w, grad) = (x.detach(), w.detach(), grad.detach().contiguous()?);
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
@@ -332,10 +354,13 @@ impl CustomOp2 for Conv2dCpu {
             f32_slice(xs, xl, "input")?,
             f32_slice(ws, wl, "kernel")?,
             f32_slice(gs, gl, "output gradient")?,
+            // The U-Net's and the VAE's first convolutions read data, which needs no gradient.
+            want_x,
         );
         let dev = x.device();
         Ok((
-            Some(candle_core::Tensor::from_vec(gx, x.shape(), dev)?),
+            gx.map(|gx| candle_core::Tensor::from_vec(gx, x.shape(), dev))
+                .transpose()?,
             Some(candle_core::Tensor::from_vec(gw, w.shape(), dev)?),
         ))
     }
