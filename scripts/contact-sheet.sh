@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Makes docs/phantom-vs-real.png: six phantoms (`cxrgen phantom`, one of each finding kind) above
+# Makes target/phantom-vs-real.png (never committed: its real images are ../shared's): six phantoms (`cxrgen phantom`, one of each finding kind) above
 # six real radiographs of the NIH ChestX-ray14 subset in ../shared/data/cxr-real (public release,
 # no restriction on use; Wang et al., CVPR 2017).
 #
 #   scripts/contact-sheet.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-docs/phantom-vs-real.png}
+out=${1:-target/phantom-vs-real.png}
 real=../shared/data/cxr-real
 [ -f "$real/manifest.csv" ] || { echo "needs $real (the shared data folder)" >&2; exit 1; }
 
