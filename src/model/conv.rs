@@ -262,6 +262,9 @@ mod tests {
         Ok((y, gx, gw))
     }
 
+    /// A convolution case: batch, input and output channels, (H, W), kernel, padding, stride.
+    type Case = (usize, usize, usize, (usize, usize), usize, usize, usize);
+
     /// Both paths against [`by_definition`]: the CPU kernels and the composite (CUDA's).
     fn compare(
         b: usize,
@@ -272,22 +275,16 @@ mod tests {
         p: usize,
         s: usize,
     ) -> Result<()> {
-        compare_with(conv2d, b, ci, co, hw, k, p, s)?;
-        compare_with(composite, b, ci, co, hw, k, p, s)
+        compare_with(conv2d, (b, ci, co, hw, k, p, s))?;
+        compare_with(composite, (b, ci, co, hw, k, p, s))
     }
 
     /// `conv` against [`by_definition`].
-    #[allow(clippy::too_many_arguments)]
     fn compare_with(
         conv: fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>,
-        b: usize,
-        ci: usize,
-        co: usize,
-        hw: (usize, usize),
-        k: usize,
-        p: usize,
-        s: usize,
+        case: Case,
     ) -> Result<()> {
+        let (b, ci, co, hw, k, p, s) = case;
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, ci, hw.0, hw.1), &dev)?)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev)?)?;
@@ -343,11 +340,11 @@ mod tests {
     fn blocks_of_rows_cover_large_images() -> Result<()> {
         // 1 × 3·3·64 × 1,000 columns: more patch elements than a block holds, so several blocks of
         // rows (the last one shorter), each gathered, multiplied and scattered back.
-        compare_with(conv2d, 2, 64, 3, (1000, 10), 3, 1, 1)?;
+        compare_with(conv2d, (2, 64, 3, (1000, 10), 3, 1, 1))?;
         // The same with stride 2 (3 blocks), and a 1×1 convolution that reads its input as the
         // patch matrix (2 blocks).
-        compare_with(conv2d, 1, 64, 3, (1000, 10), 3, 1, 2)?;
-        compare_with(conv2d, 1, 64, 3, (1000, 10), 1, 0, 1)
+        compare_with(conv2d, (1, 64, 3, (1000, 10), 3, 1, 2))?;
+        compare_with(conv2d, (1, 64, 3, (1000, 10), 1, 0, 1))
     }
 
     #[test]
