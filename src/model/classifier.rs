@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::layers::{group_norm, linear, Conv2d, GroupNorm, Linear};
-use super::resnet::{conv3x3, NORM_EPS};
+use super::layers::{conv2d_init, group_norm, linear_init, Conv2d, GroupNorm, InitScheme, Linear};
+use super::resnet::NORM_EPS;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassifierConfig {
@@ -37,6 +37,10 @@ impl ClassifierConfig {
     }
 }
 
+/// A plain CNN starts as He et al. advise; the recipe of docs/evaluation.md was tuned with it
+/// (with PyTorch's default instead, the phantom test's macro F1 falls from 0.974 to 0.894).
+const INIT: InitScheme = InitScheme::Kaiming;
+
 /// A 3×3 convolution followed by GroupNorm and SiLU.
 #[derive(Debug, Clone)]
 struct ConvNorm {
@@ -46,8 +50,13 @@ struct ConvNorm {
 
 impl ConvNorm {
     fn new(cin: usize, cout: usize, stride: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride,
+            ..Default::default()
+        };
         Ok(Self {
-            conv: conv3x3(cin, cout, stride, vb.pp("conv"))?,
+            conv: conv2d_init(cin, cout, 3, cfg, INIT, vb.pp("conv"))?,
             norm: group_norm(groups, cout, NORM_EPS, vb.pp("norm"))?,
         })
     }
@@ -91,7 +100,7 @@ impl Classifier {
             })
             .collect::<Result<Vec<_>>>()?;
         let feature_dim = 2 * c.last().expect("non-empty");
-        let head = linear(feature_dim, cfg.classes, vb.pp("head"))?;
+        let head = linear_init(feature_dim, cfg.classes, INIT, vb.pp("head"))?;
         Ok(Self {
             stem,
             stages,

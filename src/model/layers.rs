@@ -18,7 +18,38 @@ pub struct Conv2d {
     config: Conv2dConfig,
 }
 
-/// candle-nn's `conv2d`: Kaiming-normal weight, bias uniform in ±1/√fan_in.
+/// How a layer's parameters start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitScheme {
+    /// PyTorch's default for `nn.Conv2d` and `nn.Linear` (`kaiming_uniform_` with a = √5 for
+    /// the weight, the bias alike): uniform in ±1/√fan_in. diffusers, whose U-Net the paper
+    /// trained, keeps it. candle-nn's is √6 times wider, which makes every attention logit six
+    /// times larger at the start and stalled the diffusion model's training (docs/training.md).
+    Torch,
+    /// candle-nn's: Kaiming-normal with the ReLU gain (He et al. 2015), the bias uniform in
+    /// ±1/√(input channels). The usual start for a plain CNN, such as the alignment classifier.
+    Kaiming,
+}
+
+impl InitScheme {
+    /// (weight, bias) for a layer of `inputs` input channels and `fan_in` inputs per output.
+    fn hints(self, inputs: usize, fan_in: usize) -> (Init, Init) {
+        let uniform = |n: usize| {
+            let bound = 1. / (n as f64).sqrt();
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
+        };
+        match self {
+            InitScheme::Torch => (uniform(fan_in), uniform(fan_in)),
+            InitScheme::Kaiming => (candle_nn::init::DEFAULT_KAIMING_NORMAL, uniform(inputs)),
+        }
+    }
+}
+
+/// A convolution with candle-nn's parameter names (`weight` [C_out, C_in, k, k], `bias`) and
+/// PyTorch's initialisation.
 pub fn conv2d(
     in_c: usize,
     out_c: usize,
@@ -26,10 +57,23 @@ pub fn conv2d(
     config: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let inner = candle_nn::conv2d(in_c, out_c, kernel, config, vb)?;
+    conv2d_init(in_c, out_c, kernel, config, InitScheme::Torch, vb)
+}
+
+/// [`conv2d`] with the initialisation `init`.
+pub fn conv2d_init(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    config: Conv2dConfig,
+    init: InitScheme,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let per_group = in_c / config.groups;
+    let (w, b) = init.hints(in_c, per_group * kernel * kernel);
     Ok(Conv2d {
-        weight: inner.weight().clone(),
-        bias: inner.bias().cloned(),
+        weight: vb.get_with_hints((out_c, per_group, kernel, kernel), "weight", w)?,
+        bias: Some(vb.get_with_hints(out_c, "bias", b)?),
         config,
     })
 }
@@ -72,20 +116,31 @@ pub struct Linear {
     bias: Option<Tensor>,
 }
 
-/// candle-nn's `linear`: weight and bias uniform in ±1/√fan_in.
+/// A linear layer with candle-nn's parameter names (`weight` [out, in], `bias`) and PyTorch's
+/// initialisation.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let inner = candle_nn::linear(in_dim, out_dim, vb)?;
+    linear_init(in_dim, out_dim, InitScheme::Torch, vb)
+}
+
+/// [`linear`] with the initialisation `init`.
+pub fn linear_init(
+    in_dim: usize,
+    out_dim: usize,
+    init: InitScheme,
+    vb: VarBuilder,
+) -> Result<Linear> {
+    let (w, b) = init.hints(in_dim, in_dim);
     Ok(Linear {
-        weight: inner.weight().clone(),
-        bias: inner.bias().cloned(),
+        weight: vb.get_with_hints((out_dim, in_dim), "weight", w)?,
+        bias: Some(vb.get_with_hints(out_dim, "bias", b)?),
     })
 }
 
-/// candle-nn's `linear_no_bias`.
+/// [`linear`] without a bias.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let inner = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    let (w, _) = InitScheme::Torch.hints(in_dim, in_dim);
     Ok(Linear {
-        weight: inner.weight().clone(),
+        weight: vb.get_with_hints((out_dim, in_dim), "weight", w)?,
         bias: None,
     })
 }
