@@ -312,6 +312,12 @@ pub struct DiffusionTrainConfig {
     /// Probability, per sample, of replacing the report by the empty text (classifier-free guidance).
     pub null_text_prob: f64,
     pub ema_decay: f64,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`): each sample's
+    /// squared error times min(SNR_t, γ) / SNR_t, so that the nearly clean timesteps, whose
+    /// noise is hardest to see and least worth learning, stop dominating the gradient. Absent:
+    /// the plain mean squared error of the paper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snr_gamma: Option<f64>,
     pub samples: SampleGridConfig,
 }
 
@@ -549,6 +555,11 @@ impl Config {
             0.0,
             1.0,
         )?;
+        if let Some(gamma) = self.train_diffusion.snr_gamma {
+            if !(gamma.is_finite() && gamma > 0.0) {
+                bail!("train_diffusion.snr_gamma = {gamma} must be a positive number (5 is usual), or absent for the plain loss");
+            }
+        }
         let g = &self.train_diffusion.samples;
         if g.every > 0 {
             if g.prompts.is_empty() {

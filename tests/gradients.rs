@@ -134,16 +134,27 @@ impl UnetCase {
     }
 
     fn loss(&self) -> Tensor {
-        let (u, h) = (&self.unet, &self.head);
+        self.weighted_loss(&[10, 900], None, 0..2).0
+    }
+
+    /// The loss of the samples `rows` at timesteps `t`, and their unweighted MSE.
+    fn weighted_loss(
+        &self,
+        t: &[usize],
+        snr_gamma: Option<f64>,
+        rows: std::ops::Range<usize>,
+    ) -> (Tensor, Tensor) {
+        let rows_of = |x: &Tensor| x.narrow(0, rows.start, rows.len()).unwrap();
         self.diffusion
             .loss(
-                u,
-                h,
-                &self.latents,
-                &[10, 900],
-                &self.noise,
-                &self.hidden,
-                &self.mask,
+                &self.unet,
+                &self.head,
+                &rows_of(&self.latents),
+                t,
+                &rows_of(&self.noise),
+                &rows_of(&self.hidden),
+                &rows_of(&self.mask),
+                snr_gamma,
             )
             .unwrap()
     }
@@ -159,6 +170,39 @@ fn every_vae_parameter_gets_a_gradient() {
     assert!(n > 40, "{n} VAE parameters");
     let bad = vars_without_gradient(&case.varmap, &grads);
     assert!(bad.is_empty(), "no gradient for {bad:?}");
+}
+
+#[test]
+fn min_snr_weighting_scales_each_samples_error_by_its_own_weight() {
+    let case = UnetCase::new();
+    let value = |t: &Tensor| f64::from(t.to_scalar::<f32>().unwrap());
+    // Each sample's own squared error, from a batch of one (the U-Net treats samples apart).
+    let e0 = value(&case.weighted_loss(&[10], None, 0..1).1);
+    let e1 = value(&case.weighted_loss(&[900], None, 1..2).1);
+    let gamma = 5.0;
+    let (loss, mse) = case.weighted_loss(&[10, 900], Some(gamma), 0..2);
+    // tiny.yaml's linear schedule (β from 1e-4 to 0.02 over 1000 steps): SNR ≈ 455 at t = 10
+    // (weight γ / SNR), ≈ 3e-4 at 900 (weight 1).
+    let snr10 = {
+        let a: f64 = (0..=10)
+            .map(|i| 1.0 - (1e-4 + i as f64 / 999.0 * (0.02 - 1e-4)))
+            .product();
+        a / (1.0 - a)
+    };
+    let want = (gamma / snr10 * e0 + e1) / 2.0;
+    assert!(
+        (value(&loss) - want).abs() < 1e-5 * want.max(1.0),
+        "{} vs {want}",
+        value(&loss)
+    );
+    assert!(
+        (value(&mse) - (e0 + e1) / 2.0).abs() < 1e-5,
+        "the MSE stays unweighted"
+    );
+    // Without γ the loss is the plain MSE.
+    let (plain, mse) = case.weighted_loss(&[10, 900], None, 0..2);
+    assert_eq!(value(&plain), value(&mse));
+    assert!(value(&loss) < value(&plain));
 }
 
 #[test]

@@ -110,7 +110,7 @@ fn compute(
         )?
         .detach();
     let diffusion = LatentDiffusion::new(cfg, LatentStats::UNTRAINED);
-    let loss = diffusion.loss(
+    let (loss, _) = diffusion.loss(
         unet,
         head,
         &latents,
@@ -118,6 +118,7 @@ fn compute(
         &inputs.noise.to_device(device)?,
         &hidden,
         &mask,
+        None,
     )?;
     let grads = loss.backward()?;
     let gradients = named_params(ldm)

@@ -96,7 +96,9 @@ impl LatentDiffusion {
         z * self.latents.scale
     }
 
-    /// The training loss: epsilon-prediction MSE, each sample at its own timestep.
+    /// The training loss: epsilon-prediction squared error, each sample at its own timestep,
+    /// averaged over the batch, each sample weighted by min(SNR_t, γ) / SNR_t when `snr_gamma`
+    /// is given (Min-SNR-γ), else equally. Returns (the loss, the unweighted MSE).
     ///
     /// `latents`: scaled VAE latents [B, C, h, w]; `t`: B timesteps; `noise`: [B, C, h, w];
     /// `text_hidden`: frozen encoder states [B, T, H]; `text_mask`: [B, T] (1 = token, 0 =
@@ -111,7 +113,8 @@ impl LatentDiffusion {
         noise: &Tensor,
         text_hidden: &Tensor,
         text_mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+        snr_gamma: Option<f64>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let noisy = self.schedule.add_noise(latents, noise, t)?;
         let t_tensor = Tensor::from_vec(
             t.iter().map(|&x| x as f32).collect::<Vec<_>>(),
@@ -121,7 +124,24 @@ impl LatentDiffusion {
         let context = head.forward(text_hidden)?;
         let bias = padding_bias(text_mask)?;
         let eps = unet.forward(&noisy, &t_tensor, &context, Some(&bias))?;
-        (eps - noise)?.sqr()?.mean_all()
+        let per_sample = (eps - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let mse = per_sample.mean_all()?;
+        let loss = match snr_gamma {
+            None => mse.clone(),
+            Some(gamma) => {
+                let w: Vec<f32> = t
+                    .iter()
+                    .map(|&i| {
+                        let snr = self.schedule.snr(i);
+                        (snr.min(gamma) / snr) as f32
+                    })
+                    .collect();
+                let w =
+                    Tensor::from_vec(w, t.len(), latents.device())?.to_dtype(per_sample.dtype())?;
+                (per_sample * w)?.mean_all()?
+            }
+        };
+        Ok((loss, mse))
     }
 
     /// Encodes `prompt` and `negative` (which replaces the empty prompt of the unconditional

@@ -56,6 +56,12 @@ impl NoiseSchedule {
         self.betas.len()
     }
 
+    /// The signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) of timestep `t`.
+    pub fn snr(&self, t: usize) -> f64 {
+        let a = self.alphas_cumprod[t];
+        a / (1.0 - a)
+    }
+
     /// x_t = √ᾱ_t · x0 + √(1 − ᾱ_t) · ε with one timestep per sample.
     /// `x0`, `noise`: [B, ...]; `t`: B timesteps → [B, ...]
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &[usize]) -> Result<Tensor> {

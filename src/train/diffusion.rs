@@ -122,7 +122,8 @@ impl Objective for DiffusionObjective<'_> {
             .scale(&(mean + (std * Tensor::cat(&eps_z, 0)?)?)?)?;
         let (hidden, mask) = self.text.encode(&texts, device)?;
         let (unet, head) = self.networks()?;
-        let total = self.diffusion.loss(
+        let snr_gamma = self.config.train_diffusion.snr_gamma;
+        let (total, mse) = self.diffusion.loss(
             &unet,
             &head,
             &z,
@@ -130,11 +131,14 @@ impl Objective for DiffusionObjective<'_> {
             &Tensor::cat(&noise, 0)?,
             &hidden,
             &mask,
+            snr_gamma,
         )?;
-        Ok(Loss {
-            total,
-            parts: vec![],
-        })
+        // Under Min-SNR weighting the plain MSE is logged beside it, comparable across runs.
+        let parts = match snr_gamma {
+            Some(_) => vec![("mse", mse)],
+            None => vec![],
+        };
+        Ok(Loss { total, parts })
     }
 
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {

@@ -114,23 +114,38 @@ fn say(bar: &ProgressBar, line: &str) {
     }
 }
 
-/// The mean loss over `indices` with a fixed noise seed, so that epochs compare like with like.
+/// The mean loss over `indices` with a fixed noise seed, so that epochs compare like with like,
+/// and the mean of each of its logged parts.
+#[allow(clippy::type_complexity)]
 fn validate(
     objective: &dyn Objective,
     indices: &[usize],
     batch: usize,
     seed: u64,
-) -> Result<Option<f64>> {
+) -> Result<Option<(f64, Vec<(&'static str, f64)>)>> {
     if indices.is_empty() {
         return Ok(None);
     }
     let mut rng = Rng::new(seed ^ 0x7661_6c69_6461_7465);
     let mut sum = 0.0;
+    let mut parts: Vec<(&'static str, f64)> = Vec::new();
     for chunk in indices.chunks(batch) {
         let loss = objective.loss(chunk, &mut rng)?;
-        sum += scalar(&loss.total)? * chunk.len() as f64;
+        let w = chunk.len() as f64;
+        sum += scalar(&loss.total)? * w;
+        for (name, t) in &loss.parts {
+            let v = scalar(t)? * w;
+            match parts.iter_mut().find(|(n, _)| n == name) {
+                Some((_, s)) => *s += v,
+                None => parts.push((name, v)),
+            }
+        }
     }
-    Ok(Some(sum / indices.len() as f64))
+    let n = indices.len() as f64;
+    Ok(Some((
+        sum / n,
+        parts.into_iter().map(|(name, v)| (name, v / n)).collect(),
+    )))
 }
 
 /// Gradients of the mean loss over `batches` (the mean of the micro-batch gradients) and the mean
@@ -578,7 +593,8 @@ impl<'a> Trainer<'a> {
     /// when validation improved), the loss plot and the stage's own end-of-epoch work.
     fn end_epoch(&mut self, epoch: Epoch) -> Result<()> {
         let run = self.opts.run;
-        let val = validate(self.objective, self.val, run.batch_size, run.seed)?;
+        let validated = validate(self.objective, self.val, run.batch_size, run.seed)?;
+        let val = validated.as_ref().map(|(v, _)| *v);
         let is_best = val.is_some_and(|v| self.state.best_val_loss.is_none_or(|b| v < b));
         if is_best {
             self.state.best_val_loss = val;
@@ -589,12 +605,18 @@ impl<'a> Trainer<'a> {
         self.state.epoch_rng = epoch.rng;
         let peak = crate::device::peak_memory_mib(&self.device);
         let train_loss = epoch.loss.0 / epoch.loss.1.max(1) as f64;
-        self.metrics.write(&json!({
+        let mut line = json!({
             "kind": "epoch", "epoch": self.state.epoch, "step": self.state.step,
             "train_loss": train_loss, "val_loss": val,
             "seconds": epoch.started.elapsed().as_secs_f64(), "peak_rss_mib": crate::device::peak_rss_mib(),
             "peak_device_mib": if self.device.is_cuda() { peak } else { None },
-        }))?;
+        });
+        // The loss's parts on the validation split too (the VAE's MSE and KL, the diffusion
+        // model's unweighted MSE under Min-SNR weighting): `val_<part>`.
+        for (name, v) in validated.iter().flat_map(|(_, parts)| parts) {
+            line[format!("val_{name}")] = (*v).into();
+        }
+        self.metrics.write(&line)?;
         say(
             &self.bar,
             &format!(
