@@ -128,7 +128,30 @@ impl MsSsim {
     /// The smallest image side it accepts: the window must still fit after four halvings
     /// (pytorch-msssim's bound).
     pub fn min_side(&self) -> usize {
-        (self.ssim.cfg.window - 1) * 16 + 1
+        Self::min_side_of(self.ssim.cfg.window)
+    }
+
+    /// Taps of the Gaussian window.
+    pub fn window(&self) -> usize {
+        self.ssim.cfg.window
+    }
+
+    /// The smallest side [`Self::window_for`] accepts: a 7-tap window over five scales.
+    pub const SMALLEST_SIDE: usize = 97;
+
+    const fn min_side_of(window: usize) -> usize {
+        (window - 1) * 16 + 1
+    }
+
+    /// The standard 11-tap window where images of `side` pixels allow it, else the largest odd
+    /// window down to 7 that still fits five scales (7 at 128×128, as pytorch-msssim's
+    /// `win_size=7`); `None` below [`Self::SMALLEST_SIDE`], where the coarsest scale would be
+    /// too few pixels for a statistic.
+    pub fn window_for(side: usize) -> Option<usize> {
+        (7..=SsimConfig::default().window)
+            .rev()
+            .step_by(2)
+            .find(|&w| Self::min_side_of(w) <= side)
     }
 
     /// [B, C, H, W] twice → [B] (F64).
@@ -253,6 +276,7 @@ pub(crate) mod tests {
             "small_unrelated" => (64, 48, 3, 4, true),
             "odd_distorted" => (200, 177, 5, 6, false),
             "large_distorted" => (256, 256, 7, 8, false),
+            "mid_distorted" => (128, 128, 9, 10, false),
             _ => unreachable!(),
         };
         let a = test_image(h, w, sa);
@@ -269,13 +293,15 @@ pub(crate) mod tests {
     }
 
     /// Output of scripts/reference/eval_metrics.py (scikit-image 0.26.0, pytorch-msssim 1.0.0):
-    /// name, SSIM, PSNR, MSE, MS-SSIM where the images are large enough.
-    const REFERENCE: [(&str, f64, f64, f64, Option<f64>); 4] = [
+    /// name, SSIM, PSNR, MSE, MS-SSIM where the images are large enough (11 taps, 7 taps).
+    #[allow(clippy::type_complexity)]
+    const REFERENCE: [(&str, f64, f64, f64, Option<f64>, Option<f64>); 5] = [
         (
             "small_distorted",
             0.7972961451,
             25.1447031320,
             0.003058649318,
+            None,
             None,
         ),
         (
@@ -284,6 +310,7 @@ pub(crate) mod tests {
             15.3689735077,
             0.029047091263,
             None,
+            None,
         ),
         (
             "odd_distorted",
@@ -291,6 +318,7 @@ pub(crate) mod tests {
             25.0579359765,
             0.003120372217,
             Some(0.9233296008),
+            Some(0.9202819392),
         ),
         (
             "large_distorted",
@@ -298,6 +326,15 @@ pub(crate) mod tests {
             25.0592761626,
             0.003119409452,
             Some(0.9255263135),
+            Some(0.9216013273),
+        ),
+        (
+            "mid_distorted",
+            0.8003097632,
+            25.0682540560,
+            0.003112967556,
+            None,
+            Some(0.9212155442),
         ),
     ];
 
@@ -309,6 +346,7 @@ pub(crate) mod tests {
             ("small_unrelated", 108.0, 68.0, 142.0),
             ("odd_distorted", 91.0, 86.0, 193.0),
             ("large_distorted", 182.0, 165.0, 83.0),
+            ("mid_distorted", 125.0, 133.0, 179.0),
         ] {
             let (a, b) = pair(name);
             let px = |t: &Tensor, i: usize, j: usize| {
@@ -337,7 +375,12 @@ pub(crate) mod tests {
     fn ssim_psnr_mse_ms_ssim_match_the_references() {
         let ssim = Ssim::new(SsimConfig::default(), &Device::Cpu).unwrap();
         let ms = MsSsim::new(SsimConfig::default(), &Device::Cpu).unwrap();
-        for (name, r_ssim, r_psnr, r_mse, r_ms) in REFERENCE {
+        let cfg7 = SsimConfig {
+            window: 7,
+            ..SsimConfig::default()
+        };
+        let ms7 = MsSsim::new(cfg7, &Device::Cpu).unwrap();
+        for (name, r_ssim, r_psnr, r_mse, r_ms, r_ms7) in REFERENCE {
             let (a, b) = pair(name);
             let got = scalar(&ssim.forward(&a, &b).unwrap());
             assert!(
@@ -355,7 +398,26 @@ pub(crate) mod tests {
                 let got = scalar(&ms.forward(&a, &b).unwrap());
                 assert!((got - r_ms).abs() < 1e-4, "{name}: MS-SSIM {got} vs {r_ms}");
             }
+            if let Some(r_ms) = r_ms7 {
+                let got = scalar(&ms7.forward(&a, &b).unwrap());
+                assert!(
+                    (got - r_ms).abs() < 1e-4,
+                    "{name}: MS-SSIM/7 {got} vs {r_ms}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn the_window_is_the_largest_that_fits_five_scales() {
+        assert_eq!(MsSsim::window_for(256), Some(11));
+        assert_eq!(MsSsim::window_for(161), Some(11));
+        assert_eq!(MsSsim::window_for(160), Some(9));
+        assert_eq!(MsSsim::window_for(128), Some(7));
+        assert_eq!(MsSsim::window_for(97), Some(7));
+        assert_eq!(MsSsim::window_for(96), None);
+        assert_eq!(MsSsim::window_for(64), None);
+        assert_eq!(MsSsim::min_side_of(7), MsSsim::SMALLEST_SIDE);
     }
 
     #[test]

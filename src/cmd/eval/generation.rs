@@ -157,16 +157,16 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
         )
     }
     let ms_ssim = if asked.contains(&Metric::MsSsim) {
-        let ms = MsSsim::new(SsimConfig::default(), &device)?;
+        let window = MsSsim::window_for(size);
         let why = if most < 2 {
             Some(match opts.images {
                 None => "it needs --per-prompt 2 or more".to_string(),
                 Some(_) => "it needs 2 or more images of one prompt in --images".to_string(),
             })
-        } else if size < ms.min_side() {
+        } else if window.is_none() {
             Some(format!(
-                "it needs images of at least {0}×{0} pixels; these are {size}×{size}",
-                ms.min_side()
+                "it needs images of at least {0}×{0} pixels (five scales of a 7-tap window; 161×161 for the standard 11); these are {size}×{size}",
+                MsSsim::SMALLEST_SIDE
             ))
         } else {
             None
@@ -177,7 +177,14 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
                 left_out.push(format!("MS-SSIM diversity left out: {why}"));
                 None
             }
-            None => Some(ms),
+            None => {
+                let window = window.expect("checked above");
+                let cfg = SsimConfig {
+                    window,
+                    ..SsimConfig::default()
+                };
+                Some(MsSsim::new(cfg, &device)?)
+            }
         }
     } else {
         None
@@ -235,11 +242,13 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
 
     let summaries = paired.summaries()?;
     let mut metrics = paired.json(&summaries)?;
-    let diversity = match ms_ssim {
-        Some(_) => {
+    let diversity = match &ms_ssim {
+        Some(ms) => {
             let s = MeanStd::of(&diversity)?;
             let mut entry = serde_json::to_value(s)?;
-            entry["recipe"] = "MS-SSIM (pytorch-msssim's algorithm, Gaussian window 11, sigma 1.5, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333) of every pair of images of one prompt, averaged per prompt; mean ± std over the prompts with 2 or more images. Lower: more diverse".into();
+            let window = ms.window();
+            entry["window"] = window.into();
+            entry["recipe"] = format!("MS-SSIM (pytorch-msssim's algorithm, Gaussian window {window}{}, sigma 1.5, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333) of every pair of images of one prompt, averaged per prompt; mean ± std over the prompts with 2 or more images. Lower: more diverse", if window == SsimConfig::default().window { "" } else { " (the standard 11 does not fit five scales at this size)" }).into();
             entry["images_per_prompt"] = most.into();
             metrics.insert(Metric::MsSsim.name().into(), entry);
             Some(s)
