@@ -771,6 +771,10 @@ mod tests {
             "{err}"
         );
         let mut cfg = Config::load("paper").unwrap();
+        cfg.train_diffusion.snr_gamma = Some(0.0);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("train_diffusion.snr_gamma = 0"), "{err}");
+        let mut cfg = Config::load("paper").unwrap();
         cfg.vae.decoder.blocks[1].up = false;
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("up: true"), "{err}");

@@ -361,7 +361,7 @@ fn eval_generation_writes_paired_metrics_a_figure_and_says_what_it_left_out() {
         .any(|l| l.starts_with("FID and KID left out") && l.contains("fetch-eval-weights.sh")));
     assert!(left_out
         .iter()
-        .any(|l| l.contains("MS-SSIM") && l.contains("161×161")));
+        .any(|l| l.contains("MS-SSIM") && l.contains("97×97")));
     let md = std::fs::read_to_string(out.join("eval.md")).unwrap();
     assert!(
         md.contains("0.82 ± 0.08") && md.contains("| SSIM |"),
@@ -443,7 +443,7 @@ fn eval_generation_input_errors_name_what_is_wrong_and_write_nothing() {
         "generation",
         &f.ldm,
         &["--metrics", "ms-ssim"],
-        &["--metrics ms-ssim", "161×161"],
+        &["--metrics ms-ssim", "97×97"],
     );
     generation_fails_writing_nothing(
         "generation",

@@ -573,3 +573,55 @@ fn time_training(
         "ops_per_micro_batch": ops,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::scaler::INITIAL_SCALE;
+
+    #[test]
+    fn an_f16_training_step_that_overflows_is_retried_at_a_lower_loss_scale() {
+        let cfg = Config::load("tiny").unwrap();
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        Vae::new(&cfg.vae, seeded_var_builder(&varmap, 3, &dev)).unwrap();
+        let weights = Trainable::new(&varmap, &dev).with_precision(Precision::F16);
+        // Every pixel white: F16 gradients of the decoder's output bias overflow at the initial
+        // loss scale (tests/mixed_precision.rs), which random images no longer do.
+        let white = Tensor::ones((2, 1, 64, 64), DType::F32, &dev).unwrap();
+        let objective = VaeObjective::new(&cfg.vae, weights, &white, 1e-4, vec![]);
+        let req = Request {
+            config: "tiny".into(),
+            device: DeviceChoice::Cpu,
+            precision: Some(Precision::F16),
+            batch_sizes: vec![1],
+            steps: 1,
+            repeats: 1,
+            train: false,
+            train_vae: true,
+            kernels: false,
+            cuda_graph: false,
+            json: true,
+        };
+        let mut run = cfg.train_vae.run.clone();
+        run.batch_size = 2;
+        run.grad_accumulation = 1;
+        let row = time_training(
+            &req,
+            &dev,
+            Precision::F16,
+            &objective,
+            &varmap,
+            (&run, &cfg.train_vae.optimizer),
+        )
+        .unwrap();
+        let scale = row["loss_scale"].as_f64().unwrap();
+        assert!((1.0..INITIAL_SCALE).contains(&scale), "{row}");
+        assert!(row["ms_per_optimizer_step"].as_f64().unwrap().is_finite());
+        // The weights took finite steps: nothing NaN was written.
+        for var in varmap.all_vars() {
+            let m = var.as_tensor().abs().unwrap().max_all().unwrap();
+            assert!(m.to_scalar::<f32>().unwrap().is_finite());
+        }
+    }
+}

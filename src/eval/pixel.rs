@@ -137,7 +137,7 @@ impl MsSsim {
     }
 
     /// The smallest side [`Self::window_for`] accepts: a 7-tap window over five scales.
-    pub const SMALLEST_SIDE: usize = 97;
+    pub const SMALLEST_SIDE: usize = Self::min_side_of(7);
 
     const fn min_side_of(window: usize) -> usize {
         (window - 1) * 16 + 1
@@ -159,7 +159,7 @@ impl MsSsim {
         let (_, _, h, w) = x.dims4()?;
         if h.min(w) < self.min_side() {
             bail!(
-                "MS-SSIM needs images of at least {0}×{0} pixels (five scales of an {1}-tap window), got {h}×{w}",
+                "MS-SSIM needs images of at least {0}×{0} pixels (five scales of a window of {1} taps), got {h}×{w}",
                 self.min_side(),
                 self.ssim.cfg.window
             )
@@ -417,7 +417,7 @@ pub(crate) mod tests {
         assert_eq!(MsSsim::window_for(97), Some(7));
         assert_eq!(MsSsim::window_for(96), None);
         assert_eq!(MsSsim::window_for(64), None);
-        assert_eq!(MsSsim::min_side_of(7), MsSsim::SMALLEST_SIDE);
+        assert_eq!(MsSsim::SMALLEST_SIDE, 97);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Layers with the parameter names and initialisation of candle-nn's, written so that they train
+//! Layers with candle-nn's parameter names and PyTorch's initialisation (or Kaiming's, by
+//! [`InitScheme`]), written so that they train
 //! correctly: gradients that candle's fused kernels would cut are kept, and under mixed precision
 //! normalisation statistics and parameter-gradient sums stay in F32 ([`super::affine`]).
 
@@ -258,6 +259,60 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
+
+    use crate::model::seeded_var_builder;
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn kaiming_draws_what_candle_nn_draws_and_torch_stays_within_its_bound() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        // The same seed through candle-nn's constructors and ours: the same numbers.
+        let (ours, theirs) = (VarMap::new(), VarMap::new());
+        let c = conv2d_init(
+            6,
+            10,
+            3,
+            cfg,
+            InitScheme::Kaiming,
+            seeded_var_builder(&ours, 5, &dev).pp("c"),
+        )?;
+        let l = linear_init(
+            12,
+            7,
+            InitScheme::Kaiming,
+            seeded_var_builder(&ours, 6, &dev).pp("l"),
+        )?;
+        let cc = candle_nn::conv2d(6, 10, 3, cfg, seeded_var_builder(&theirs, 5, &dev).pp("c"))?;
+        let cl = candle_nn::linear(12, 7, seeded_var_builder(&theirs, 6, &dev).pp("l"))?;
+        let same = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) == 0.0;
+        assert!(same(&c.weight, cc.weight()));
+        assert!(same(c.bias.as_ref().unwrap(), cc.bias().unwrap()));
+        assert!(same(&l.weight, cl.weight()));
+        assert!(same(l.bias.as_ref().unwrap(), cl.bias().unwrap()));
+
+        // PyTorch's: weight and bias within ±1/√fan_in, and spread over most of it.
+        let vm = VarMap::new();
+        let c = conv2d(6, 10, 3, cfg, seeded_var_builder(&vm, 5, &dev).pp("c"))?;
+        let bound = 1.0 / (6.0f32 * 9.0).sqrt();
+        for t in [&c.weight, c.bias.as_ref().unwrap()] {
+            assert!(
+                max_abs(t) <= bound && max_abs(t) > 0.8 * bound,
+                "{}",
+                max_abs(t)
+            );
+        }
+        let l = linear_no_bias(12, 7, seeded_var_builder(&vm, 6, &dev).pp("l"))?;
+        let bound = 1.0 / 12f32.sqrt();
+        assert!(max_abs(&l.weight) <= bound && max_abs(&l.weight) > 0.8 * bound);
+        Ok(())
+    }
 
     #[test]
     fn layer_norm_matches_candle_and_has_gradients() -> Result<()> {

@@ -21,8 +21,8 @@ use crate::rng::Rng;
 /// Images used to estimate the latent scale.
 const SCALE_IMAGES: usize = 256;
 
-/// Where a VAE objective's training images come from: the prepared cache, or (`cxrgen bench`)
-/// random pixels.
+/// Where a VAE objective's training images come from: the prepared cache, or (`cxrgen bench`,
+/// tests) images held in memory.
 pub trait ImageSource {
     /// The images at `indices` as F32 in [−1, 1]: [n, 1, S, S] on `device`.
     fn images(&self, indices: &[usize], device: &Device) -> Result<Tensor>;
@@ -31,6 +31,15 @@ pub trait ImageSource {
 impl ImageSource for Cache {
     fn images(&self, indices: &[usize], device: &Device) -> Result<Tensor> {
         Cache::images(self, indices, device)
+    }
+}
+
+/// A batch in memory, [N, 1, S, S]: image i is row i.
+impl ImageSource for Tensor {
+    fn images(&self, indices: &[usize], device: &Device) -> Result<Tensor> {
+        let rows: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), self.device())?;
+        Ok(self.index_select(&rows, 0)?.to_device(device)?)
     }
 }
 

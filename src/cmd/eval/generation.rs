@@ -247,11 +247,16 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
             let s = MeanStd::of(&diversity)?;
             let mut entry = serde_json::to_value(s)?;
             let window = ms.window();
+            let why = if window == SsimConfig::default().window {
+                ""
+            } else {
+                " (the standard 11 does not fit five scales at this size)"
+            };
             entry["window"] = window.into();
-            entry["recipe"] = format!("MS-SSIM (pytorch-msssim's algorithm, Gaussian window {window}{}, sigma 1.5, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333) of every pair of images of one prompt, averaged per prompt; mean ± std over the prompts with 2 or more images. Lower: more diverse", if window == SsimConfig::default().window { "" } else { " (the standard 11 does not fit five scales at this size)" }).into();
+            entry["recipe"] = format!("MS-SSIM (pytorch-msssim's algorithm, Gaussian window {window}{why}, sigma 1.5, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333) of every pair of images of one prompt, averaged per prompt; mean ± std over the prompts with 2 or more images. Lower: more diverse").into();
             entry["images_per_prompt"] = most.into();
             metrics.insert(Metric::MsSsim.name().into(), entry);
-            Some(s)
+            Some((s, window))
         }
         None => None,
     };
@@ -405,9 +410,9 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
         md.push_str("\n## The first image of each prompt against its report's real image\n\n| metric | mean ± std | images | paper (§4.2) |\n|---|---|---|---|\n");
         md.push_str(&md_rows(&summaries, paper));
     }
-    if let Some(s) = diversity {
+    if let Some((s, window)) = diversity {
         md.push_str(&format!(
-            "\n## Diversity\n\n| MS-SSIM between the images of a prompt (lower: more diverse) | prompts |\n|---|---|\n| {} | {} |\n",
+            "\n## Diversity\n\n| MS-SSIM between the images of a prompt, Gaussian window of {window} taps (lower: more diverse) | prompts |\n|---|---|\n| {} | {} |\n",
             mean_std(&s, 4),
             s.n
         ));
