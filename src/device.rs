@@ -67,6 +67,27 @@ pub fn fix_cpu_thread_count() {
     }
 }
 
+/// Keeps the memory that tensors free for the next ones instead of handing it back to the kernel.
+/// glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB with
+/// use) by a fresh `mmap` and unmaps it when freed, so each tensor operation that allocates its
+/// output has the kernel map and zero new pages: a fifth of the paper config's CPU training
+/// micro-batch went to that (`perf`: `clear_page_erms` and page faults; docs/performance.md).
+/// Served from the heap, never trimmed, the pages are reused. The process keeps its peak
+/// memory until it exits. Returns whether glibc took both settings (elsewhere: false, nothing
+/// done).
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only tunes the allocator; main calls it before any other thread starts.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
 /// Whether this binary was built with the `cuda` feature.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 

@@ -10,6 +10,7 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 fn main() -> ExitCode {
     // First: the Ctrl-C handler below starts a thread.
     cxrgen::device::fix_cpu_thread_count();
+    cxrgen::device::keep_freed_memory();
     if let Err(err) = interrupt::install() {
         eprintln!("warning: Ctrl-C will not be handled gracefully: {err}");
     }
