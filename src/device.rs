@@ -73,19 +73,15 @@ pub fn fix_cpu_thread_count() {
 /// output has the kernel map and zero new pages: a fifth of the paper config's CPU training
 /// micro-batch went to that (`perf`: `clear_page_erms` and page faults; docs/performance.md).
 /// Served from the heap, never trimmed, the pages are reused. The process keeps its peak
-/// memory until it exits. Returns whether glibc took both settings (elsewhere: false, nothing
-/// done).
-pub fn keep_freed_memory() -> bool {
+/// memory until it exits. Other C libraries are left as they are.
+pub fn keep_freed_memory() {
+    // SAFETY: mallopt only tunes the allocator; main calls it before any other thread starts.
+    // A setting glibc refuses leaves its default, which is only slower.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only tunes the allocator; main calls it before any other thread starts.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
-        }
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    false
 }
 
 /// Whether this binary was built with the `cuda` feature.

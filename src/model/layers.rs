@@ -1,7 +1,7 @@
 //! Layers with candle-nn's parameter names and PyTorch's initialisation (or Kaiming's, by
-//! [`InitScheme`]), written so that they train
-//! correctly: gradients that candle's fused kernels would cut are kept, and under mixed precision
-//! normalisation statistics and parameter-gradient sums stay in F32 ([`super::affine`]).
+//! [`InitScheme`]), written so that they train correctly: gradients that candle's fused kernels
+//! would cut are kept, and under mixed precision normalisation statistics and parameter-gradient
+//! sums stay in F32 ([`super::affine`]).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Init, VarBuilder};

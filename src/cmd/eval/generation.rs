@@ -157,28 +157,24 @@ pub fn run(req: &Request, opts: &Options) -> Result<ExitCode> {
         )
     }
     let ms_ssim = if asked.contains(&Metric::MsSsim) {
-        let window = MsSsim::window_for(size);
-        let why = if most < 2 {
-            Some(match opts.images {
+        let window = match MsSsim::window_for(size) {
+            _ if most < 2 => Err(match opts.images {
                 None => "it needs --per-prompt 2 or more".to_string(),
                 Some(_) => "it needs 2 or more images of one prompt in --images".to_string(),
-            })
-        } else if window.is_none() {
-            Some(format!(
+            }),
+            None => Err(format!(
                 "it needs images of at least {0}×{0} pixels (five scales of a 7-tap window; 161×161 for the standard 11); these are {size}×{size}",
                 MsSsim::SMALLEST_SIDE
-            ))
-        } else {
-            None
+            )),
+            Some(window) => Ok(window),
         };
-        match why {
-            Some(why) if req.named(Metric::MsSsim) => bail!("--metrics ms-ssim: {why}"),
-            Some(why) => {
+        match window {
+            Err(why) if req.named(Metric::MsSsim) => bail!("--metrics ms-ssim: {why}"),
+            Err(why) => {
                 left_out.push(format!("MS-SSIM diversity left out: {why}"));
                 None
             }
-            None => {
-                let window = window.expect("checked above");
+            Ok(window) => {
                 let cfg = SsimConfig {
                     window,
                     ..SsimConfig::default()
