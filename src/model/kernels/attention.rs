@@ -6,15 +6,15 @@
 //!
 //! CUDA: one kernel with FlashAttention's online softmax (attention.cu), head widths up to
 //! [`MAX_CUDA_HEAD_DIM`]. CPU: per batch and block of query rows, every head's scores by one
-//! matrix product (the `gemm` crate on strided views), bias and softmax in place, then the
-//! product with v written straight into the output. The backward pass is the chunked one of
+//! matrix product (the `gemm` crate on strided views), bias and the unnormalised softmax in
+//! place, then the product with v written straight into the output and divided by each row's sum. The backward pass is the chunked one of
 //! [`crate::model::attention`], which recomputes the probabilities.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{fast_exp, float_dispatch, same_dtype, Float};
+use super::{fast_exp, float_dispatch, same_dtype, vectorized, Float};
 
 /// The widest head the CUDA kernel takes (its shared memory holds tiles of 32 keys × d).
 pub const MAX_CUDA_HEAD_DIM: usize = 128;
@@ -149,9 +149,12 @@ impl Dims {
     }
 }
 
-/// softmax of one row of scores, in place, after adding the bias. Eight partial maxima and sums:
-/// loops the compiler vectorises, with [`fast_exp`].
-fn softmax(scores: &mut [f32], bias: Option<&[f32]>) {
+/// The unnormalised softmax of one row of scores, in place: e^(s + bias − max) for each score,
+/// and their sum, by which the caller divides the row's product with v (d values instead of the
+/// row's Lk). Eight partial maxima and sums: loops the compiler vectorises, with [`fast_exp`].
+/// (A bias comes with cross-attention, whose rows are the few tokens of the text.)
+#[inline(always)]
+fn exp_row(scores: &mut [f32], bias: Option<&[f32]>) -> f32 {
     if let Some(bias) = bias {
         for (s, b) in scores.iter_mut().zip(bias) {
             *s += b;
@@ -169,6 +172,8 @@ fn softmax(scores: &mut [f32], bias: Option<&[f32]>) {
         }
     }
     let max = lanes.iter().fold(tail, |m, &s| m.max(s));
+    // The exponentials and their sum in separate loops: the sum's lanes in the same loop keep
+    // the compiler from vectorising the exponentials.
     for s in scores.iter_mut() {
         *s = fast_exp(*s - max);
     }
@@ -180,10 +185,7 @@ fn softmax(scores: &mut [f32], bias: Option<&[f32]>) {
             *acc += s;
         }
     }
-    let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
-    for s in scores.iter_mut() {
-        *s *= inv;
-    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// The attention of F32 rows, [B, Lq, C] contiguous.
@@ -207,69 +209,78 @@ fn forward_f32(
             out.par_chunks_mut(rows_per_task * c)
                 .enumerate()
                 .for_each(|(task, out)| {
-                    let (row0, rows) = (task * rows_per_task, out.len() / c);
-                    let mut scores = vec![0f32; rows * n.lk];
-                    for h in 0..n.heads {
-                        let q0 = b * q.batch + row0 * q.row + h * n.d;
-                        let (k0, v0) = (b * k.batch + h * n.d, b * v.batch + h * n.d);
-                        // Every element either product reads lies in its slice: the last row's last
-                        // element is at (rows − 1) · row + d − 1 from the start.
-                        assert!(q0 + (rows - 1) * q.row + n.d <= q.data.len());
-                        assert!(k0 + (n.lk - 1) * k.row + n.d <= k.data.len());
-                        assert!(v0 + (n.lk - 1) * v.row + n.d <= v.data.len());
-                        // SAFETY: the pointers and strides stay inside the slices (asserted above),
-                        // `scores` holds rows × lk elements and `out` rows × c.
-                        unsafe {
-                            gemm::gemm(
-                                rows,
-                                n.lk,
-                                n.d,
-                                scores.as_mut_ptr(),
-                                1,
-                                n.lk as isize,
-                                false,
-                                q.data.as_ptr().add(q0),
-                                1,
-                                q.row as isize,
-                                k.data.as_ptr().add(k0),
-                                k.row as isize,
-                                1,
-                                0.0,
-                                n.scale(),
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
+                    vectorized!(|| {
+                        let (row0, rows) = (task * rows_per_task, out.len() / c);
+                        let mut scores = vec![0f32; rows * n.lk];
+                        let mut sums = vec![0f32; rows];
+                        for h in 0..n.heads {
+                            let q0 = b * q.batch + row0 * q.row + h * n.d;
+                            let (k0, v0) = (b * k.batch + h * n.d, b * v.batch + h * n.d);
+                            // Every element either product reads lies in its slice: the last row's last
+                            // element is at (rows − 1) · row + d − 1 from the start.
+                            assert!(q0 + (rows - 1) * q.row + n.d <= q.data.len());
+                            assert!(k0 + (n.lk - 1) * k.row + n.d <= k.data.len());
+                            assert!(v0 + (n.lk - 1) * v.row + n.d <= v.data.len());
+                            // SAFETY: the pointers and strides stay inside the slices (asserted above),
+                            // `scores` holds rows × lk elements and `out` rows × c.
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    n.lk,
+                                    n.d,
+                                    scores.as_mut_ptr(),
+                                    1,
+                                    n.lk as isize,
+                                    false,
+                                    q.data.as_ptr().add(q0),
+                                    1,
+                                    q.row as isize,
+                                    k.data.as_ptr().add(k0),
+                                    k.row as isize,
+                                    1,
+                                    0.0,
+                                    n.scale(),
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                            for (row, sum) in scores.chunks_mut(n.lk).zip(&mut sums) {
+                                *sum = exp_row(row, bias);
+                            }
+                            // SAFETY: as above; the output block of head h is columns h·d..(h+1)·d.
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    n.d,
+                                    n.lk,
+                                    out.as_mut_ptr().add(h * n.d),
+                                    1,
+                                    c as isize,
+                                    false,
+                                    scores.as_ptr(),
+                                    1,
+                                    n.lk as isize,
+                                    v.data.as_ptr().add(v0),
+                                    1,
+                                    v.row as isize,
+                                    0.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    gemm::Parallelism::None,
+                                );
+                            }
+                            for (row, sum) in out.chunks_mut(c).zip(&sums) {
+                                let inv = 1.0 / sum;
+                                for o in &mut row[h * n.d..(h + 1) * n.d] {
+                                    *o *= inv;
+                                }
+                            }
                         }
-                        for row in scores.chunks_mut(n.lk) {
-                            softmax(row, bias);
-                        }
-                        // SAFETY: as above; the output block of head h is columns h·d..(h+1)·d.
-                        unsafe {
-                            gemm::gemm(
-                                rows,
-                                n.d,
-                                n.lk,
-                                out.as_mut_ptr().add(h * n.d),
-                                1,
-                                c as isize,
-                                false,
-                                scores.as_ptr(),
-                                1,
-                                n.lk as isize,
-                                v.data.as_ptr().add(v0),
-                                1,
-                                v.row as isize,
-                                0.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            );
-                        }
-                    }
+                    })
                 });
         });
     out

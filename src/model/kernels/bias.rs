@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_slice, float_dispatch, same_dtype, Float};
+use super::{cpu_slice, float_dispatch, same_dtype, vectorized, Float};
 use crate::model::affine::sum_except;
 
 /// `x + bias + residual`: `bias` [C] broadcast along dimension `axis` of `x`, `residual` of x's
@@ -123,17 +123,20 @@ impl CustomOp3 for BiasResidual {
                     .zip(x.par_chunks(slab).zip(r.par_chunks(slab)))
                     .with_min_len((4096 / slab).max(1))
                     .for_each(|(y, (x, r))| {
-                        for (c, (y, r)) in y.chunks_mut(inner).zip(r.chunks(inner)).enumerate() {
-                            let b = b[c].to_f32();
-                            for (s, (y, r)) in y.iter_mut().zip(r).enumerate() {
-                                let x = if tokens {
-                                    x[s * channels + c]
-                                } else {
-                                    x[c * inner + s]
-                                };
-                                *y = T::from_f32(x.to_f32() + b + r.to_f32());
+                        vectorized!(|| {
+                            for (c, (y, r)) in y.chunks_mut(inner).zip(r.chunks(inner)).enumerate()
+                            {
+                                let b = b[c].to_f32();
+                                for (s, (y, r)) in y.iter_mut().zip(r).enumerate() {
+                                    let x = if tokens {
+                                        x[s * channels + c]
+                                    } else {
+                                        x[c * inner + s]
+                                    };
+                                    *y = T::from_f32(x.to_f32() + b + r.to_f32());
+                                }
                             }
-                        }
+                        })
                     });
             }
             Ok(T::to_cpu_storage_owned(y))

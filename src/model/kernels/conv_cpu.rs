@@ -21,6 +21,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use super::vectorized;
+
 /// Patch-matrix elements per block: 2 MiB of F32, which a last-level cache holds.
 const BLOCK_ELEMS: usize = 1 << 19;
 
@@ -139,24 +141,26 @@ fn scatter_add(g: &Geometry, cols: &[f32], (r0, rows): (usize, usize), gx: &mut 
     gx.par_chunks_mut(g.h * g.w)
         .zip(cols.par_chunks(kk * p))
         .for_each(|(gc, chunk)| {
-            for (tap, row) in chunk.chunks(p).enumerate() {
-                let (ty, tx) = (tap / g.k, tap % g.k);
-                let valid = g.valid(tx, g.w, g.ow);
-                if valid.is_empty() {
-                    continue;
-                }
-                for (r, src) in row.chunks(g.ow).enumerate() {
-                    let iy = ((r0 + r) * g.stride + ty) as isize - g.pad as isize;
-                    if iy < 0 || iy >= g.h as isize {
+            vectorized!(|| {
+                for (tap, row) in chunk.chunks(p).enumerate() {
+                    let (ty, tx) = (tap / g.k, tap % g.k);
+                    let valid = g.valid(tx, g.w, g.ow);
+                    if valid.is_empty() {
                         continue;
                     }
-                    let first = valid.start * g.stride + tx - g.pad;
-                    let dst = &mut gc[iy as usize * g.w + first..];
-                    for (j, v) in src[valid.clone()].iter().enumerate() {
-                        dst[j * g.stride] += v;
+                    for (r, src) in row.chunks(g.ow).enumerate() {
+                        let iy = ((r0 + r) * g.stride + ty) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let first = valid.start * g.stride + tx - g.pad;
+                        let dst = &mut gc[iy as usize * g.w + first..];
+                        for (j, v) in src[valid.clone()].iter().enumerate() {
+                            dst[j * g.stride] += v;
+                        }
                     }
                 }
-            }
+            })
         });
 }
 

@@ -7,7 +7,7 @@ use candle_core::cpu::erf::erf_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{cpu_slice, fast_exp, float_dispatch, same_dtype, Float};
+use super::{cpu_slice, fast_exp, float_dispatch, same_dtype, vectorized, Float};
 
 /// `h` [..., 2H] = [a | gate] → a · gelu_erf(gate): [..., H], in h's dtype (arithmetic in F32).
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
@@ -62,10 +62,12 @@ impl CustomOp1 for Geglu {
                     .zip(h.par_chunks(2 * half))
                     .with_min_len(MIN_ROWS_PER_TASK)
                     .for_each(|(y, h)| {
-                        let (a, gate) = h.split_at(half);
-                        for ((y, a), g) in y.iter_mut().zip(a).zip(gate) {
-                            *y = T::from_f32(a.to_f32() * gelu(g.to_f32()));
-                        }
+                        vectorized!(|| {
+                            let (a, gate) = h.split_at(half);
+                            for ((y, a), g) in y.iter_mut().zip(a).zip(gate) {
+                                *y = T::from_f32(a.to_f32() * gelu(g.to_f32()));
+                            }
+                        })
                     });
             }
             Ok(T::to_cpu_storage_owned(y))
@@ -143,15 +145,17 @@ impl CustomOp2 for GegluBackward {
                     .zip(g.par_chunks(half))
                     .with_min_len(MIN_ROWS_PER_TASK)
                     .for_each(|((dh, h), g)| {
-                        let (da, dgate) = dh.split_at_mut(half);
-                        let (a, gate) = h.split_at(half);
-                        for ((((da, dgate), a), gate), g) in
-                            da.iter_mut().zip(dgate).zip(a).zip(gate).zip(g)
-                        {
-                            let (gate, g) = (gate.to_f32(), g.to_f32());
-                            *da = T::from_f32(g * gelu(gate));
-                            *dgate = T::from_f32(g * a.to_f32() * gelu_grad(gate));
-                        }
+                        vectorized!(|| {
+                            let (da, dgate) = dh.split_at_mut(half);
+                            let (a, gate) = h.split_at(half);
+                            for ((((da, dgate), a), gate), g) in
+                                da.iter_mut().zip(dgate).zip(a).zip(gate).zip(g)
+                            {
+                                let (gate, g) = (gate.to_f32(), g.to_f32());
+                                *da = T::from_f32(g * gelu(gate));
+                                *dgate = T::from_f32(g * a.to_f32() * gelu_grad(gate));
+                            }
+                        })
                     });
             }
             Ok(T::to_cpu_storage_owned(dh))

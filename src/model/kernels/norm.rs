@@ -19,7 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_slice, fast_exp, float_dispatch, same_dtype, Float};
+use super::{cpu_slice, fast_exp, float_dispatch, same_dtype, vectorized, Float};
 
 /// How a norm groups the elements of its input.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +57,7 @@ impl Geometry {
     }
 
     /// Where element `j` of row `row` of x sits in the output (and in its gradient).
+    #[inline(always)]
     fn out_index(&self, row: usize, j: usize) -> usize {
         if !self.tokens {
             return row * self.n() + j;
@@ -153,6 +154,7 @@ struct Norm {
 }
 
 /// Mean and 1/√(var + eps) of a row, summed in f64 (deterministic: one thread per row).
+#[inline(always)]
 fn row_stats<T: Float>(x: &[T], eps: f32) -> (f32, f32) {
     let n = x.len() as f64;
     let mean = sum_f64(x, |v| v as f64) / n;
@@ -201,29 +203,32 @@ fn forward_cpu<T: Float>(
         .with_min_len(rows_per_task(n))
         .enumerate()
         .for_each(|(row, (y, x))| {
-            let (mean, rstd) = row_stats(x, eps);
-            let c0 = (row % g.groups) * g.channels_per_group;
-            let (w, b) = (
-                &w[c0..c0 + g.channels_per_group],
-                &b[c0..c0 + g.channels_per_group],
-            );
-            let out = |v: f32, scale: f32, shift: f32| {
-                let v = (v - mean) * scale + shift;
-                T::from_f32(if act { silu(v) } else { v })
-            };
-            if g.inner == 1 {
-                for (((o, v), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                    *o = out(v.to_f32(), w.to_f32() * rstd, b.to_f32());
-                }
-            } else {
-                for (((ys, xs), w), b) in y.chunks_mut(g.inner).zip(x.chunks(g.inner)).zip(w).zip(b)
-                {
-                    let (scale, shift) = (w.to_f32() * rstd, b.to_f32());
-                    for (o, v) in ys.iter_mut().zip(xs) {
-                        *o = out(v.to_f32(), scale, shift);
+            vectorized!(|| {
+                let (mean, rstd) = row_stats(x, eps);
+                let c0 = (row % g.groups) * g.channels_per_group;
+                let (w, b) = (
+                    &w[c0..c0 + g.channels_per_group],
+                    &b[c0..c0 + g.channels_per_group],
+                );
+                let out = |v: f32, scale: f32, shift: f32| {
+                    let v = (v - mean) * scale + shift;
+                    T::from_f32(if act { silu(v) } else { v })
+                };
+                if g.inner == 1 {
+                    for (((o, v), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *o = out(v.to_f32(), w.to_f32() * rstd, b.to_f32());
+                    }
+                } else {
+                    for (((ys, xs), w), b) in
+                        y.chunks_mut(g.inner).zip(x.chunks(g.inner)).zip(w).zip(b)
+                    {
+                        let (scale, shift) = (w.to_f32() * rstd, b.to_f32());
+                        for (o, v) in ys.iter_mut().zip(xs) {
+                            *o = out(v.to_f32(), scale, shift);
+                        }
                     }
                 }
-            }
+            })
         });
     if !g.tokens {
         return y;
@@ -391,32 +396,36 @@ fn backward_cpu<T: Float>(
         .with_min_len(rows_per_task(n))
         .enumerate()
         .for_each(|(row, ((dx, partial), x))| {
-            // The output gradient of element j (in the output's layout).
-            let g = |j: usize| g[geometry.out_index(row, j)];
-            let stats = row_stats(x, eps);
-            let c0 = (row % geometry.groups) * cpg;
-            let param = |k: usize| (w[c0 + k].to_f32(), b[c0 + k].to_f32());
-            let (mut sum_gh, mut sum_gh_xh) = (0f64, 0f64);
-            for (k, share) in partial.chunks_mut(2).enumerate() {
-                let (wc, bc) = param(k);
-                let (mut s_w, mut s_b) = (0f64, 0f64);
-                let run = k * inner..(k + 1) * inner;
-                for (j, xj) in run.clone().zip(&x[run]) {
-                    let (x_hat, g_z) = grad_at(xj.to_f32(), g(j).to_f32(), (wc, bc), stats, silu);
-                    s_w += (g_z * x_hat) as f64;
-                    s_b += g_z as f64;
+            vectorized!(|| {
+                // The output gradient of element j (in the output's layout).
+                let g = |j: usize| g[geometry.out_index(row, j)];
+                let stats = row_stats(x, eps);
+                let c0 = (row % geometry.groups) * cpg;
+                let param = |k: usize| (w[c0 + k].to_f32(), b[c0 + k].to_f32());
+                let (mut sum_gh, mut sum_gh_xh) = (0f64, 0f64);
+                for (k, share) in partial.chunks_mut(2).enumerate() {
+                    let (wc, bc) = param(k);
+                    let (mut s_w, mut s_b) = (0f64, 0f64);
+                    let run = k * inner..(k + 1) * inner;
+                    for (j, xj) in run.clone().zip(&x[run]) {
+                        let (x_hat, g_z) =
+                            grad_at(xj.to_f32(), g(j).to_f32(), (wc, bc), stats, silu);
+                        s_w += (g_z * x_hat) as f64;
+                        s_b += g_z as f64;
+                    }
+                    sum_gh += s_b * wc as f64;
+                    sum_gh_xh += s_w * wc as f64;
+                    share[0] = s_w as f32;
+                    share[1] = s_b as f32;
                 }
-                sum_gh += s_b * wc as f64;
-                sum_gh_xh += s_w * wc as f64;
-                share[0] = s_w as f32;
-                share[1] = s_b as f32;
-            }
-            let (mean_gh, mean_gh_xh) = ((sum_gh / n as f64) as f32, (sum_gh_xh / n as f64) as f32);
-            for (j, dx) in dx.iter_mut().enumerate() {
-                let (wc, bc) = param(j / inner);
-                let (x_hat, g_z) = grad_at(x[j].to_f32(), g(j).to_f32(), (wc, bc), stats, silu);
-                *dx = T::from_f32(stats.1 * (g_z * wc - mean_gh - x_hat * mean_gh_xh));
-            }
+                let (mean_gh, mean_gh_xh) =
+                    ((sum_gh / n as f64) as f32, (sum_gh_xh / n as f64) as f32);
+                for (j, dx) in dx.iter_mut().enumerate() {
+                    let (wc, bc) = param(j / inner);
+                    let (x_hat, g_z) = grad_at(x[j].to_f32(), g(j).to_f32(), (wc, bc), stats, silu);
+                    *dx = T::from_f32(stats.1 * (g_z * wc - mean_gh - x_hat * mean_gh_xh));
+                }
+            })
         });
     // Σ over the batch of the rows' shares, viewed as [batch, channels, 2].
     let channels = geometry.channels();
