@@ -5,16 +5,19 @@
 //! add, five softmax kernels, a cast and a second product.
 //!
 //! CUDA: one kernel with FlashAttention's online softmax (attention.cu), head widths up to
-//! [`MAX_CUDA_HEAD_DIM`]. CPU: per batch and block of query rows, every head's scores by one
-//! matrix product (the `gemm` crate on strided views), bias and the unnormalised softmax in
-//! place, then the product with v written straight into the output and divided by each row's sum. The backward pass is the chunked one of
-//! [`crate::model::attention`], which recomputes the probabilities.
+//! [`MAX_CUDA_HEAD_DIM`]; its backward pass is the chunked one of [`crate::model::attention`].
+//! CPU: per batch and block of query rows, every head's scores by one matrix product (the `gemm`
+//! crate on strided views), bias and the unnormalised softmax in place, then the product with v
+//! written straight into the output and divided by each row's sum. The CPU backward pass is one
+//! op too ([`backward_f32`]): per batch element, head and block of query rows it recomputes the
+//! probabilities and accumulates the three gradients by matrix products, never holding more
+//! than two blocks of scores.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{fast_exp, float_dispatch, same_dtype, vectorized, Float};
+use super::{fast_exp, float_dispatch, matmul, same_dtype, vectorized, Float, Strided};
 
 /// The widest head the CUDA kernel takes (its shared memory holds tiles of 32 keys × d).
 pub const MAX_CUDA_HEAD_DIM: usize = 128;
@@ -188,7 +191,79 @@ fn exp_row(scores: &mut [f32], bias: Option<&[f32]>) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// The attention of F32 rows, [B, Lq, C] contiguous.
+/// One block of query rows of one head: batch `b`, head `h`, rows `row0..row0 + rows`.
+#[derive(Clone, Copy)]
+struct Block {
+    b: usize,
+    h: usize,
+    row0: usize,
+    rows: usize,
+}
+
+impl Block {
+    /// Where the block's rows of head h start in `x`, and x's (row, column) strides, checking
+    /// that the `rows` rows of d values it reads lie inside x's slice.
+    fn rows_of(&self, x: &Rows<f32>, n: Dims, first_row: usize, rows: usize) -> Strided {
+        let start = self.b * x.batch + first_row * x.row + self.h * n.d;
+        // The last row's last element is at (rows − 1) · row + d − 1 from the start.
+        assert!(rows == 0 || start + (rows - 1) * x.row + n.d <= x.data.len());
+        (x.data[start..].as_ptr(), x.row, 1)
+    }
+
+    /// The block's query rows of `q` [rows, d].
+    fn queries(&self, q: &Rows<f32>, n: Dims) -> Strided {
+        self.rows_of(q, n, self.row0, self.rows)
+    }
+
+    /// Every key row of `k` (or `v`) [lk, d].
+    fn keys(&self, k: &Rows<f32>, n: Dims) -> Strided {
+        self.rows_of(k, n, 0, n.lk)
+    }
+
+    /// The unnormalised softmax of the block's scores into `p` [rows, lk], each row's sum into
+    /// `sums` ([`exp_row`]).
+    #[inline(always)]
+    fn exp_scores(
+        &self,
+        (q, k): (&Rows<f32>, &Rows<f32>),
+        bias: Option<&[f32]>,
+        n: Dims,
+        p: &mut [f32],
+        sums: &mut [f32],
+    ) {
+        let kt = transposed(self.keys(k, n));
+        assert_eq!(p.len(), self.rows * n.lk);
+        // SAFETY: `queries` and `keys` checked their rows; p holds rows × lk elements.
+        unsafe {
+            matmul(
+                (self.rows, n.lk, n.d),
+                (p.as_mut_ptr(), n.lk),
+                false,
+                (self.queries(q, n), kt),
+                n.scale(),
+                NO_THREADS,
+            )
+        };
+        for (row, sum) in p.chunks_mut(n.lk).zip(sums) {
+            *sum = exp_row(row, bias);
+        }
+    }
+}
+
+/// Inside a rayon task the products run on its thread.
+const NO_THREADS: gemm::Parallelism = gemm::Parallelism::None;
+
+/// The transpose of a strided operand.
+fn transposed((ptr, rs, cs): Strided) -> Strided {
+    (ptr, cs, rs)
+}
+
+/// Rows per CPU task for `n.lk` keys.
+fn rows_per_task(n: Dims) -> usize {
+    (CPU_SCORES_PER_TASK / n.lk).clamp(1, n.lq)
+}
+
+/// The attention of F32 rows, [B, Lq, C].
 fn forward_f32(
     q: Rows<f32>,
     k: Rows<f32>,
@@ -201,78 +276,38 @@ fn forward_f32(
     if out.is_empty() || n.lk == 0 {
         return out;
     }
-    let rows_per_task = (CPU_SCORES_PER_TASK / n.lk).clamp(1, n.lq);
+    let per_task = rows_per_task(n);
     out.par_chunks_mut(n.lq * c)
         .enumerate()
         .for_each(|(b, out)| {
             let bias = bias.map(|bias| &bias[b * n.lk..(b + 1) * n.lk]);
-            out.par_chunks_mut(rows_per_task * c)
+            out.par_chunks_mut(per_task * c)
                 .enumerate()
                 .for_each(|(task, out)| {
                     vectorized!(|| {
-                        let (row0, rows) = (task * rows_per_task, out.len() / c);
-                        let mut scores = vec![0f32; rows * n.lk];
+                        let rows = out.len() / c;
+                        let mut p = vec![0f32; rows * n.lk];
                         let mut sums = vec![0f32; rows];
                         for h in 0..n.heads {
-                            let q0 = b * q.batch + row0 * q.row + h * n.d;
-                            let (k0, v0) = (b * k.batch + h * n.d, b * v.batch + h * n.d);
-                            // Every element either product reads lies in its slice: the last row's last
-                            // element is at (rows − 1) · row + d − 1 from the start.
-                            assert!(q0 + (rows - 1) * q.row + n.d <= q.data.len());
-                            assert!(k0 + (n.lk - 1) * k.row + n.d <= k.data.len());
-                            assert!(v0 + (n.lk - 1) * v.row + n.d <= v.data.len());
-                            // SAFETY: the pointers and strides stay inside the slices (asserted above),
-                            // `scores` holds rows × lk elements and `out` rows × c.
+                            let blk = Block {
+                                b,
+                                h,
+                                row0: task * per_task,
+                                rows,
+                            };
+                            blk.exp_scores((&q, &k), bias, n, &mut p, &mut sums);
+                            // SAFETY: `keys` checked v's rows; the output block of head h is
+                            // columns h·d..(h+1)·d of out's rows × c elements.
                             unsafe {
-                                gemm::gemm(
-                                    rows,
-                                    n.lk,
-                                    n.d,
-                                    scores.as_mut_ptr(),
-                                    1,
-                                    n.lk as isize,
+                                matmul(
+                                    (rows, n.d, n.lk),
+                                    (out[h * n.d..].as_mut_ptr(), c),
                                     false,
-                                    q.data.as_ptr().add(q0),
-                                    1,
-                                    q.row as isize,
-                                    k.data.as_ptr().add(k0),
-                                    k.row as isize,
-                                    1,
-                                    0.0,
-                                    n.scale(),
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
-                                );
-                            }
-                            for (row, sum) in scores.chunks_mut(n.lk).zip(&mut sums) {
-                                *sum = exp_row(row, bias);
-                            }
-                            // SAFETY: as above; the output block of head h is columns h·d..(h+1)·d.
-                            unsafe {
-                                gemm::gemm(
-                                    rows,
-                                    n.d,
-                                    n.lk,
-                                    out.as_mut_ptr().add(h * n.d),
-                                    1,
-                                    c as isize,
-                                    false,
-                                    scores.as_ptr(),
-                                    1,
-                                    n.lk as isize,
-                                    v.data.as_ptr().add(v0),
-                                    1,
-                                    v.row as isize,
-                                    0.0,
+                                    ((p.as_ptr(), n.lk, 1), blk.keys(&v, n)),
                                     1.0,
-                                    false,
-                                    false,
-                                    false,
-                                    gemm::Parallelism::None,
-                                );
-                            }
+                                    NO_THREADS,
+                                )
+                            };
                             for (row, sum) in out.chunks_mut(c).zip(&sums) {
                                 let inv = 1.0 / sum;
                                 for o in &mut row[h * n.d..(h + 1) * n.d] {
@@ -281,9 +316,108 @@ fn forward_f32(
                             }
                         }
                     })
-                });
+                })
         });
     out
+}
+
+/// The gradients of F32 attention, [B, L, C] each: from the inputs, the output `o` and its
+/// gradient `go`, (dq, dk, dv). One task per batch element; per head and block of query rows
+/// the probabilities P are recomputed, and with dP = go vᵀ and dS = P ⊙ (dP − rowsum(go ⊙ o)):
+/// dv += Pᵀ go, dq = dS k / √d, dk += dSᵀ q / √d.
+fn backward_f32(
+    (q, k, v): (Rows<f32>, Rows<f32>, Rows<f32>),
+    (o, go): (&[f32], &[f32]),
+    bias: Option<&[f32]>,
+    n: Dims,
+) -> [Vec<f32>; 3] {
+    let c = n.width();
+    let mut dq = vec![0f32; n.batch * n.lq * c];
+    let mut dk = vec![0f32; n.batch * n.lk * c];
+    let mut dv = vec![0f32; n.batch * n.lk * c];
+    if dq.is_empty() || n.lk == 0 {
+        return [dq, dk, dv];
+    }
+    let per_task = rows_per_task(n);
+    let go_rows = Rows::dense(go, (n.lq * c, c));
+    dq.par_chunks_mut(n.lq * c)
+        .zip(dk.par_chunks_mut(n.lk * c))
+        .zip(dv.par_chunks_mut(n.lk * c))
+        .enumerate()
+        .for_each(|(b, ((dq, dk), dv))| {
+            vectorized!(|| {
+                let bias = bias.map(|bias| &bias[b * n.lk..(b + 1) * n.lk]);
+                let mut p = vec![0f32; per_task * n.lk];
+                let mut dp = vec![0f32; per_task * n.lk];
+                let mut sums = vec![0f32; per_task];
+                for h in 0..n.heads {
+                    for row0 in (0..n.lq).step_by(per_task) {
+                        let rows = per_task.min(n.lq - row0);
+                        let blk = Block { b, h, row0, rows };
+                        let (p, dp) = (&mut p[..rows * n.lk], &mut dp[..rows * n.lk]);
+                        blk.exp_scores((&q, &k), bias, n, p, &mut sums);
+                        for (row, sum) in p.chunks_mut(n.lk).zip(&sums) {
+                            let inv = 1.0 / sum;
+                            for x in row {
+                                *x *= inv;
+                            }
+                        }
+                        let g = blk.queries(&go_rows, n);
+                        let (pt, dst) = (transposed((p.as_ptr(), n.lk, 1)), |x: &mut [f32]| {
+                            (x[h * n.d..].as_mut_ptr(), c)
+                        });
+                        // SAFETY: `queries` and `keys` checked their rows; p and dp hold rows × lk
+                        // elements, dq this batch element's lq × c and dk, dv lk × c, of which
+                        // head h's columns are h·d..(h+1)·d.
+                        unsafe {
+                            matmul((n.lk, n.d, rows), dst(dv), true, (pt, g), 1.0, NO_THREADS);
+                            let vt = transposed(blk.keys(&v, n));
+                            matmul(
+                                (rows, n.lk, n.d),
+                                (dp.as_mut_ptr(), n.lk),
+                                false,
+                                (g, vt),
+                                1.0,
+                                NO_THREADS,
+                            );
+                        }
+                        for (i, (dp, p)) in dp.chunks_mut(n.lk).zip(p.chunks(n.lk)).enumerate() {
+                            let at = (b * n.lq + row0 + i) * c + h * n.d;
+                            let r: f32 = o[at..at + n.d]
+                                .iter()
+                                .zip(&go[at..at + n.d])
+                                .map(|(o, g)| o * g)
+                                .sum();
+                            for (dp, p) in dp.iter_mut().zip(p) {
+                                *dp = p * (*dp - r);
+                            }
+                        }
+                        let ds = (dp.as_ptr(), n.lk, 1);
+                        // SAFETY: as above; this block's rows of dq start at row0.
+                        unsafe {
+                            let dq_rows = (dq[row0 * c + h * n.d..].as_mut_ptr(), c);
+                            matmul(
+                                (rows, n.d, n.lk),
+                                dq_rows,
+                                false,
+                                (ds, blk.keys(&k, n)),
+                                n.scale(),
+                                NO_THREADS,
+                            );
+                            matmul(
+                                (n.lk, n.d, rows),
+                                dst(dk),
+                                true,
+                                (transposed(ds), blk.queries(&q, n)),
+                                n.scale(),
+                                NO_THREADS,
+                            );
+                        }
+                    }
+                }
+            })
+        });
+    [dq, dk, dv]
 }
 
 /// F16/BF16 rows as contiguous F32 [B, L, C].
@@ -308,6 +442,60 @@ impl Attention {
             }
             None => f(None),
         }
+    }
+}
+
+impl Attention {
+    /// [`backward_f32`] on [q, k, v, output, output gradient] (in F32, whatever their dtype):
+    /// the gradients of q, k and v in q's dtype.
+    fn cpu_backward(&self, t: [&Tensor; 5]) -> Result<[Tensor; 3]> {
+        let dtype = t[0].dtype();
+        let f32c = |t: &Tensor| t.detach().to_dtype(candle_core::DType::F32)?.contiguous();
+        let (q, k, v, o, go) = (
+            f32c(t[0])?,
+            f32c(t[1])?,
+            f32c(t[2])?,
+            f32c(t[3])?,
+            f32c(t[4])?,
+        );
+        let n = Dims::of(self.heads, q.layout(), k.layout())?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = o.storage_and_layout();
+        let (gs, gl) = go.storage_and_layout();
+        let (
+            Storage::Cpu(qs),
+            Storage::Cpu(ks),
+            Storage::Cpu(vs),
+            Storage::Cpu(os),
+            Storage::Cpu(gs),
+        ) = (&*qs, &*ks, &*vs, &*os, &*gs)
+        else {
+            candle_core::bail!("attention: a gradient on another device")
+        };
+        let name = self.name();
+        let grads = self.with_bias(|bias| {
+            let bias = match bias {
+                Some((Storage::Cpu(s), l)) => Some(super::cpu_slice::<f32>(s, l, name)?),
+                Some(_) => candle_core::bail!("attention: the bias is on another device"),
+                None => None,
+            };
+            Ok(backward_f32(
+                (Rows::of(qs, ql)?, Rows::of(ks, kl)?, Rows::of(vs, vl)?),
+                (
+                    super::cpu_slice(os, ol, name)?,
+                    super::cpu_slice(gs, gl, name)?,
+                ),
+                bias,
+                n,
+            ))
+        })?;
+        let [dq, dk, dv] = grads;
+        let back = |g: Vec<f32>, like: &Tensor| {
+            Tensor::from_vec(g, like.shape(), like.device())?.to_dtype(dtype)
+        };
+        Ok([back(dq, &q)?, back(dk, &k)?, back(dv, &v)?])
     }
 }
 
@@ -477,9 +665,13 @@ impl CustomOp3 for Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if q.device().is_cpu() {
+            let [dq, dk, dv] = self.cpu_backward([q, k, v, res, grad])?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let bias = match &self.bias {
             Some(b) => Some(b.unsqueeze(1)?),
             None => None,

@@ -21,7 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use super::vectorized;
+use super::{vectorized, Strided};
 
 /// Patch-matrix elements per block: 2 MiB of F32, which a last-level cache holds.
 const BLOCK_ELEMS: usize = 1 << 19;
@@ -164,44 +164,20 @@ fn scatter_add(g: &Geometry, cols: &[f32], (r0, rows): (usize, usize), gx: &mut 
         });
 }
 
-/// dst [m, n] (row stride `dst_rs`) = (`acc` ? dst : 0) + lhs [m, k] · rhs [k, n], each operand
-/// given by its pointer and its (row, column) strides.
+/// [`super::matmul`] with gemm's threads (rayon's) and no scale.
 ///
 /// # Safety
-/// Every (row, column) the strides reach for these sizes lies inside the buffer its pointer
-/// points into, and nothing else reads or writes `dst`'s elements while this runs.
+/// As [`super::matmul`]'s.
 unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
     acc: bool,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
+    lhs: Strided,
+    rhs: Strided,
 ) {
     // SAFETY: the caller's contract, forwarded.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            acc,
-            lhs.0,
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0,
-            rhs.2 as isize,
-            rhs.1 as isize,
-            if acc { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        )
-    }
+    unsafe { super::matmul(dims, (dst, dst_rs), acc, (lhs, rhs), 1.0, parallelism()) }
 }
 
 /// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] → [B, C_out, H', W'].

@@ -105,6 +105,49 @@ macro_rules! vectorized {
 }
 pub(crate) use vectorized;
 
+/// A matrix operand of [`matmul`]: its first element and its (row, column) strides.
+pub(crate) type Strided = (*const f32, usize, usize);
+
+/// dst [m, n] (row stride `dst.1`, columns adjacent) = (`acc` ? dst : 0) + `scale` · lhs [m, k]
+/// · rhs [k, n], with the `gemm` crate (whose kernels choose their SIMD width at run time).
+///
+/// # Safety
+/// Every (row, column) the strides reach for these sizes lies inside the buffer its pointer
+/// points into, and nothing else reads or writes `dst`'s elements while this runs.
+pub(crate) unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize),
+    acc: bool,
+    (lhs, rhs): (Strided, Strided),
+    scale: f32,
+    threads: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract, forwarded.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            1,
+            dst.1 as isize,
+            acc,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            if acc { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            threads,
+        )
+    }
+}
+
 /// e^x to about one unit in the last place (Cephes' `expf`: x = n·ln 2 + r, a degree-6
 /// polynomial for e^r, 2^n from the exponent bits), 0 below −87.33 and for −∞. Written without
 /// branches or library calls so that loops over slices of it vectorise: the softmax and SiLU
