@@ -9,7 +9,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+
+use crate::model::kernels::{cpu_slice, sum_lanes, vectorized};
 
 /// `x + b`, with `b` [C] broadcast along dimension `axis` of `x`.
 pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
@@ -36,12 +38,47 @@ pub(crate) fn sum_except(g: &Tensor, axis: usize, dtype: DType) -> Result<Tensor
     let dims = g.dims();
     let before: usize = dims[..axis].iter().product();
     let after: usize = dims[axis + 1..].iter().product();
-    // Summing the trailing dimension first is the fast reduction on the CPU.
-    g.to_dtype(DType::F32)?
-        .reshape((before, dims[axis], after))?
+    let g = g.to_dtype(DType::F32)?;
+    if g.device().is_cpu() {
+        // candle sums a leading dimension one strided output element at a time.
+        let g = g.contiguous()?;
+        let sums = {
+            let (storage, layout) = g.storage_and_layout();
+            let Storage::Cpu(storage) = &*storage else {
+                candle_core::bail!("sum_except: a CPU tensor without CPU storage")
+            };
+            let g = cpu_slice::<f32>(storage, layout, "bias gradient")?;
+            sum_outer(g, (before, dims[axis], after))
+        };
+        return Tensor::from_vec(sums, dims[axis], g.device())?.to_dtype(dtype);
+    }
+    // Summing the trailing dimension first is the fast reduction on CUDA.
+    g.reshape((before, dims[axis], after))?
         .sum(2)?
         .sum(0)?
         .to_dtype(dtype)
+}
+
+/// The sums over the first and last dimensions of `g` [before, C, after]: [C].
+fn sum_outer(g: &[f32], (before, c, after): (usize, usize, usize)) -> Vec<f32> {
+    let mut out = vec![0f32; c];
+    if c == 0 || after == 0 {
+        return out;
+    }
+    vectorized!(|| {
+        for slab in g.chunks_exact(c * after).take(before) {
+            if after == 1 {
+                for (o, v) in out.iter_mut().zip(slab) {
+                    *o += v;
+                }
+            } else {
+                for (o, run) in out.iter_mut().zip(slab.chunks_exact(after)) {
+                    *o += sum_lanes(run);
+                }
+            }
+        }
+    });
+    out
 }
 
 struct BiasAdd {
@@ -95,5 +132,34 @@ impl CustomOp2 for BiasAdd {
             Some(grad.clone()),
             Some(sum_except(grad, self.axis, b.dtype())?),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::Device;
+
+    /// The CPU sums equal candle's reductions, for every axis of a 4-D gradient (a channel of a
+    /// feature map: after > 1; a channel of tokens: after = 1) and for a 1-D one.
+    #[test]
+    fn sum_except_equals_candles_sums() -> Result<()> {
+        let g = Rng::new(3).randn((3, 5, 7, 9), &Device::Cpu)?;
+        for axis in 0..4 {
+            let got = sum_except(&g, axis, DType::F32)?;
+            let mut want = g.clone();
+            for d in (0..4).rev().filter(|&d| d != axis) {
+                want = want.sum(d)?;
+            }
+            let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-4, "axis {axis}: {err}");
+        }
+        let v = Tensor::new(&[1f32, -2.0, 3.5], &Device::Cpu)?;
+        assert_eq!(
+            sum_except(&v, 0, DType::F32)?.to_vec1::<f32>()?,
+            [1.0, -2.0, 3.5]
+        );
+        Ok(())
     }
 }

@@ -17,7 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{fast_exp, float_dispatch, matmul, same_dtype, vectorized, Float, Strided};
+use super::{fast_exp, float_dispatch, matmul, same_dtype, sum_lanes, vectorized, Float, Strided};
 
 /// The widest head the CUDA kernel takes (its shared memory holds tiles of 32 keys × d).
 pub const MAX_CUDA_HEAD_DIM: usize = 128;
@@ -180,15 +180,7 @@ fn exp_row(scores: &mut [f32], bias: Option<&[f32]>) -> f32 {
     for s in scores.iter_mut() {
         *s = fast_exp(*s - max);
     }
-    let mut lanes = [0f32; 8];
-    let chunks = scores.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (acc, &s) in lanes.iter_mut().zip(chunk) {
-            *acc += s;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+    sum_lanes(scores)
 }
 
 /// One block of query rows of one head: batch `b`, head `h`, rows `row0..row0 + rows`.

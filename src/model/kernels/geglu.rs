@@ -3,11 +3,10 @@
 //! copy per half, the GELU and the product (and their backward passes).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cpu::erf::erf_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{cpu_slice, fast_exp, float_dispatch, same_dtype, vectorized, Float};
+use super::{cpu_slice, fast_erf, fast_exp, float_dispatch, same_dtype, vectorized, Float};
 
 /// `h` [..., 2H] = [a | gate] → a · gelu_erf(gate): [..., H], in h's dtype (arithmetic in F32).
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
@@ -22,13 +21,13 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf_f32(x * FRAC_1_SQRT_2))
+    0.5 * x * (1.0 + fast_erf(x * FRAC_1_SQRT_2))
 }
 
 /// d/dx gelu(x) = Φ(x) + x · φ(x).
 #[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
-    let cdf = 0.5 * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
+    let cdf = 0.5 * (1.0 + fast_erf(x * FRAC_1_SQRT_2));
     let pdf = fast_exp(-0.5 * x * x) / (2.0 * std::f32::consts::PI).sqrt();
     cdf + x * pdf
 }
