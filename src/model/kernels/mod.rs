@@ -120,6 +120,26 @@ pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// Σ a·b over eight interleaved partial sums, as [`sum_lanes`].
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in ca.zip(cb) {
+        for ((acc, a), b) in lanes.iter_mut().zip(a).zip(b) {
+            *acc += a * b;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// A matrix operand of [`matmul`]: its first element and its (row, column) strides.
 pub(crate) type Strided = (*const f32, usize, usize);
 

@@ -19,7 +19,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_slice, fast_exp, float_dispatch, same_dtype, vectorized, Float};
+use super::{
+    cpu_slice, dot_lanes, fast_exp, float_dispatch, same_dtype, sum_lanes, vectorized, Float,
+};
 
 /// How a norm groups the elements of its input.
 #[derive(Debug, Clone, Copy)]
@@ -386,7 +388,7 @@ fn backward_cpu<T: Float>(
 ) -> Vec<T> {
     let (n, cpg, inner) = (geometry.n(), geometry.channels_per_group, geometry.inner);
     // Each row's share of the parameter gradients: [rows, channels per group, 2] = (Σ g_z · x̂,
-    // Σ g_z) over the elements of each of its channels.
+    // Σ g_z) over the elements of each of its channels (eight F32 partial sums each).
     let mut partial = vec![0f32; x.len() / n * cpg * 2];
     let mut out = vec![T::zero(); x.len() + 2 * geometry.channels()];
     let (dx, params) = out.split_at_mut(x.len());
@@ -395,38 +397,51 @@ fn backward_cpu<T: Float>(
         .zip(x.par_chunks(n))
         .with_min_len(rows_per_task(n))
         .enumerate()
-        .for_each(|(row, ((dx, partial), x))| {
-            vectorized!(|| {
-                // The output gradient of element j (in the output's layout).
-                let g = |j: usize| g[geometry.out_index(row, j)];
-                let stats = row_stats(x, eps);
-                let c0 = (row % geometry.groups) * cpg;
-                let param = |k: usize| (w[c0 + k].to_f32(), b[c0 + k].to_f32());
-                let (mut sum_gh, mut sum_gh_xh) = (0f64, 0f64);
-                for (k, share) in partial.chunks_mut(2).enumerate() {
-                    let (wc, bc) = param(k);
-                    let (mut s_w, mut s_b) = (0f64, 0f64);
-                    let run = k * inner..(k + 1) * inner;
-                    for (j, xj) in run.clone().zip(&x[run]) {
-                        let (x_hat, g_z) =
-                            grad_at(xj.to_f32(), g(j).to_f32(), (wc, bc), stats, silu);
-                        s_w += (g_z * x_hat) as f64;
-                        s_b += g_z as f64;
+        // Per task, room for a row's g_z and x̂ (computed once, read by both passes below).
+        .for_each_init(
+            || vec![0f32; 2 * n],
+            |scratch, (row, ((dx, partial), x))| {
+                vectorized!(|| {
+                    let (g_z, x_hat) = scratch.split_at_mut(n);
+                    // The output gradient in x's layout (the tokens' layout is transposed).
+                    if geometry.tokens {
+                        for (j, v) in g_z.iter_mut().enumerate() {
+                            *v = g[geometry.out_index(row, j)].to_f32();
+                        }
+                    } else {
+                        for (v, g) in g_z.iter_mut().zip(&g[row * n..(row + 1) * n]) {
+                            *v = g.to_f32();
+                        }
                     }
-                    sum_gh += s_b * wc as f64;
-                    sum_gh_xh += s_w * wc as f64;
-                    share[0] = s_w as f32;
-                    share[1] = s_b as f32;
-                }
-                let (mean_gh, mean_gh_xh) =
-                    ((sum_gh / n as f64) as f32, (sum_gh_xh / n as f64) as f32);
-                for (j, dx) in dx.iter_mut().enumerate() {
-                    let (wc, bc) = param(j / inner);
-                    let (x_hat, g_z) = grad_at(x[j].to_f32(), g(j).to_f32(), (wc, bc), stats, silu);
-                    *dx = T::from_f32(stats.1 * (g_z * wc - mean_gh - x_hat * mean_gh_xh));
-                }
-            })
-        });
+                    let stats = row_stats(x, eps);
+                    let c0 = (row % geometry.groups) * cpg;
+                    let param = |k: usize| (w[c0 + k].to_f32(), b[c0 + k].to_f32());
+                    let (mut sum_gh, mut sum_gh_xh) = (0f64, 0f64);
+                    for (k, share) in partial.chunks_mut(2).enumerate() {
+                        let (wc, bc) = param(k);
+                        let run = k * inner..(k + 1) * inner;
+                        let (gs, xh) = (&mut g_z[run.clone()], &mut x_hat[run.clone()]);
+                        for ((g, xh), xv) in gs.iter_mut().zip(xh.iter_mut()).zip(&x[run]) {
+                            (*xh, *g) = grad_at(xv.to_f32(), *g, (wc, bc), stats, silu);
+                        }
+                        let (s_w, s_b) = (dot_lanes(gs, xh), sum_lanes(gs));
+                        sum_gh += s_b as f64 * wc as f64;
+                        sum_gh_xh += s_w as f64 * wc as f64;
+                        share[0] = s_w;
+                        share[1] = s_b;
+                    }
+                    let (mean_gh, mean_gh_xh) =
+                        ((sum_gh / n as f64) as f32, (sum_gh_xh / n as f64) as f32);
+                    for (k, dx) in dx.chunks_mut(inner).enumerate() {
+                        let wc = param(k).0;
+                        let run = k * inner..(k + 1) * inner;
+                        for ((dx, g), xh) in dx.iter_mut().zip(&g_z[run.clone()]).zip(&x_hat[run]) {
+                            *dx = T::from_f32(stats.1 * (g * wc - mean_gh - xh * mean_gh_xh));
+                        }
+                    }
+                })
+            },
+        );
     // Σ over the batch of the rows' shares, viewed as [batch, channels, 2].
     let channels = geometry.channels();
     let batch = partial.len() / (2 * channels);
