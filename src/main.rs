@@ -14,7 +14,7 @@ fn main() -> ExitCode {
     if let Err(err) = interrupt::install() {
         eprintln!("warning: Ctrl-C will not be handled gracefully: {err}");
     }
-    match cxrgen::cli::run() {
+    match cxrgen::device::on_cpu_pool(cxrgen::cli::run) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
