@@ -46,21 +46,29 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
-/// Fixes candle's CPU thread count for the whole process, before any thread starts, and builds
-/// rayon's global pool with [`WORKER_STACK`]-byte stacks (its workers run the whole command:
-/// [`on_cpu_pool`]). Unless `RAYON_NUM_THREADS` holds a positive count, candle 0.11.1 works its
-/// count out afresh at every matrix product, reading `/proc/cpuinfo` on a machine like ours: a
-/// third of a small model's CPU training step went to those reads (docs/performance.md). The
+/// Fixes candle's CPU thread count for the whole process, and makes the main thread a worker of
+/// rayon's global pool. Unless `RAYON_NUM_THREADS` holds a positive count, candle 0.11.1 works
+/// its count out afresh at every matrix product, reading `/proc/cpuinfo` on a machine like ours:
+/// a third of a small model's CPU training step went to those reads (docs/performance.md). The
 /// count set is the one candle would have found; the pool, which reads the same variable, is
 /// built first so that it keeps its own size (logical CPUs, within the process's CPU set).
-pub fn fix_cpu_thread_count() {
+///
+/// Every CPU kernel is a rayon parallel loop, and one started from a thread outside the pool
+/// hands its work to the pool and sleeps until it is done: two thread switches per tensor
+/// operation, thousands per training step. Started from a worker, the loop runs on that thread
+/// and the other workers steal from it. The main thread itself joins the pool (rather than the
+/// command moving to a worker) so that it keeps its stack and glibc's main arena, whose freed
+/// memory [`keep_freed_memory`] keeps (a thread's own arena serves blocks above 64 MiB by mmap).
+/// With one thread: training micro-batch of the paper config 1,755/1,472 → 1,323/1,284 ms,
+/// guided sampling step 214/226 → 207/181 ms (docs/performance.md).
+pub fn use_cpu_threads() {
     let set = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n > 0);
     // An error only means that the pool exists already.
     let _ = rayon::ThreadPoolBuilder::new()
-        .stack_size(WORKER_STACK)
+        .use_current_thread()
         .build_global();
     if !set {
         std::env::set_var(
@@ -68,21 +76,6 @@ pub fn fix_cpu_thread_count() {
             candle_core::utils::get_num_threads().to_string(),
         );
     }
-}
-
-/// Stack of each worker of rayon's global pool: the main thread's 8 MiB, since a worker runs
-/// the whole command, and candle's backward pass walks the graph recursively (std's 2 MiB
-/// default for new threads is less than main's). Untouched stack pages take no memory.
-pub const WORKER_STACK: usize = 8 << 20;
-
-/// Runs `f` on a worker of rayon's global pool. Every CPU kernel is a rayon parallel loop, and
-/// one started from a thread outside the pool hands its work to the pool and sleeps until it is
-/// done: two thread switches per tensor operation, thousands per training step. Started from a
-/// worker, the loop runs on that thread and the other workers steal from it. With one thread:
-/// training micro-batch of the paper config 1,755/1,472 → 1,323/1,284 ms, guided sampling step
-/// 214/226 → 207/181 ms (docs/performance.md).
-pub fn on_cpu_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
 }
 
 /// Keeps the memory that tensors free for the next ones instead of handing it back to the kernel.

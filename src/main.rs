@@ -8,13 +8,13 @@ use cxrgen::opcount::CountingAllocator;
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 fn main() -> ExitCode {
-    // First: the Ctrl-C handler below starts a thread.
-    cxrgen::device::fix_cpu_thread_count();
+    // First, in this order: the thread pool and the Ctrl-C handler start threads.
     cxrgen::device::keep_freed_memory();
+    cxrgen::device::use_cpu_threads();
     if let Err(err) = interrupt::install() {
         eprintln!("warning: Ctrl-C will not be handled gracefully: {err}");
     }
-    match cxrgen::device::on_cpu_pool(cxrgen::cli::run) {
+    match cxrgen::cli::run() {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -1,8 +1,8 @@
-//! Attention: multi-head self- and cross-attention (forward through the fused op of
+//! Attention: multi-head self- and cross-attention (through the fused op of
 //! [`super::kernels::attention`]), the scaled dot-product per head in tensor ops (chunked over
-//! queries, masked: the backward pass of both, and the forward pass of heads wider than the CUDA
-//! kernel takes), the transformer block of the U-Net and the single-head spatial attention of the
-//! VAE.
+//! queries, masked: the fused op's backward pass on CUDA, and the forward pass of heads wider
+//! than the CUDA kernel takes), the transformer block of the U-Net and the single-head spatial
+//! attention of the VAE.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
@@ -234,7 +234,7 @@ fn head_bias(bias: Option<&Tensor>, heads: usize) -> Result<Option<Tensor>> {
 
 /// The gradients of multi-head attention's `q` [B, Lq, heads·d], `k` and `v` [B, Lk, heads·d]
 /// (padding `bias` [B, 1, Lk]) from the output's [B, Lq, heads·d]: the chunked backward pass of
-/// each head, recomputing its probabilities.
+/// each head, recomputing its probabilities (the fused op's on CUDA; on the CPU it has its own).
 pub(crate) fn multi_head_backward(
     q: &Tensor,
     k: &Tensor,

@@ -17,7 +17,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{fast_exp, float_dispatch, matmul, same_dtype, sum_lanes, vectorized, Float, Strided};
+use super::{
+    dot_lanes, fast_exp, float_dispatch, matmul, same_dtype, sum_lanes, vectorized, Float, Strided,
+};
 
 /// The widest head the CUDA kernel takes (its shared memory holds tiles of 32 keys × d).
 pub const MAX_CUDA_HEAD_DIM: usize = 128;
@@ -314,8 +316,8 @@ fn forward_f32(
 }
 
 /// The gradients of F32 attention, [B, L, C] each: from the inputs, the output `o` and its
-/// gradient `go`, (dq, dk, dv). One task per batch element; per head and block of query rows
-/// the probabilities P are recomputed, and with dP = go vᵀ and dS = P ⊙ (dP − rowsum(go ⊙ o)):
+/// gradient `go`, (dq, dk, dv). One task per batch element and head; per block of query rows the
+/// probabilities P are recomputed, and with dP = go vᵀ and dS = P ⊙ (dP − rowsum(go ⊙ o)):
 /// dv += Pᵀ go, dq = dS k / √d, dk += dSᵀ q / √d.
 fn backward_f32(
     (q, k, v): (Rows<f32>, Rows<f32>, Rows<f32>),
@@ -324,92 +326,76 @@ fn backward_f32(
     n: Dims,
 ) -> [Vec<f32>; 3] {
     let c = n.width();
-    let mut dq = vec![0f32; n.batch * n.lq * c];
-    let mut dk = vec![0f32; n.batch * n.lk * c];
-    let mut dv = vec![0f32; n.batch * n.lk * c];
-    if dq.is_empty() || n.lk == 0 {
-        return [dq, dk, dv];
+    let mut out = [n.lq, n.lk, n.lk].map(|len| vec![0f32; n.batch * len * c]);
+    if out[0].is_empty() || n.lk == 0 {
+        return out;
     }
     let per_task = rows_per_task(n);
     let go_rows = Rows::dense(go, (n.lq * c, c));
-    dq.par_chunks_mut(n.lq * c)
-        .zip(dk.par_chunks_mut(n.lk * c))
-        .zip(dv.par_chunks_mut(n.lk * c))
-        .enumerate()
-        .for_each(|(b, ((dq, dk), dv))| {
+    // Each head's gradients [lq, d], [lk, d], [lk, d], then copied into their columns.
+    let heads: Vec<[Vec<f32>; 3]> = (0..n.batch * n.heads)
+        .into_par_iter()
+        .map(|task| {
             vectorized!(|| {
+                let (b, h) = (task / n.heads, task % n.heads);
                 let bias = bias.map(|bias| &bias[b * n.lk..(b + 1) * n.lk]);
+                let [mut dq, mut dk, mut dv] = [n.lq, n.lk, n.lk].map(|len| vec![0f32; len * n.d]);
                 let mut p = vec![0f32; per_task * n.lk];
                 let mut dp = vec![0f32; per_task * n.lk];
                 let mut sums = vec![0f32; per_task];
-                for h in 0..n.heads {
-                    for row0 in (0..n.lq).step_by(per_task) {
-                        let rows = per_task.min(n.lq - row0);
-                        let blk = Block { b, h, row0, rows };
-                        let (p, dp) = (&mut p[..rows * n.lk], &mut dp[..rows * n.lk]);
-                        blk.exp_scores((&q, &k), bias, n, p, &mut sums);
-                        for (row, sum) in p.chunks_mut(n.lk).zip(&sums) {
-                            let inv = 1.0 / sum;
-                            for x in row {
-                                *x *= inv;
-                            }
-                        }
-                        let g = blk.queries(&go_rows, n);
-                        let (pt, dst) = (transposed((p.as_ptr(), n.lk, 1)), |x: &mut [f32]| {
-                            (x[h * n.d..].as_mut_ptr(), c)
-                        });
-                        // SAFETY: `queries` and `keys` checked their rows; p and dp hold rows × lk
-                        // elements, dq this batch element's lq × c and dk, dv lk × c, of which
-                        // head h's columns are h·d..(h+1)·d.
-                        unsafe {
-                            matmul((n.lk, n.d, rows), dst(dv), true, (pt, g), 1.0, NO_THREADS);
-                            let vt = transposed(blk.keys(&v, n));
-                            matmul(
-                                (rows, n.lk, n.d),
-                                (dp.as_mut_ptr(), n.lk),
-                                false,
-                                (g, vt),
-                                1.0,
-                                NO_THREADS,
-                            );
-                        }
-                        for (i, (dp, p)) in dp.chunks_mut(n.lk).zip(p.chunks(n.lk)).enumerate() {
-                            let at = (b * n.lq + row0 + i) * c + h * n.d;
-                            let r: f32 = o[at..at + n.d]
-                                .iter()
-                                .zip(&go[at..at + n.d])
-                                .map(|(o, g)| o * g)
-                                .sum();
-                            for (dp, p) in dp.iter_mut().zip(p) {
-                                *dp = p * (*dp - r);
-                            }
-                        }
-                        let ds = (dp.as_ptr(), n.lk, 1);
-                        // SAFETY: as above; this block's rows of dq start at row0.
-                        unsafe {
-                            let dq_rows = (dq[row0 * c + h * n.d..].as_mut_ptr(), c);
-                            matmul(
-                                (rows, n.d, n.lk),
-                                dq_rows,
-                                false,
-                                (ds, blk.keys(&k, n)),
-                                n.scale(),
-                                NO_THREADS,
-                            );
-                            matmul(
-                                (n.lk, n.d, rows),
-                                dst(dk),
-                                true,
-                                (transposed(ds), blk.queries(&q, n)),
-                                n.scale(),
-                                NO_THREADS,
-                            );
+                for row0 in (0..n.lq).step_by(per_task) {
+                    let rows = per_task.min(n.lq - row0);
+                    let blk = Block { b, h, row0, rows };
+                    let (p, dp) = (&mut p[..rows * n.lk], &mut dp[..rows * n.lk]);
+                    blk.exp_scores((&q, &k), bias, n, p, &mut sums);
+                    for (row, sum) in p.chunks_mut(n.lk).zip(&sums) {
+                        let inv = 1.0 / sum;
+                        for x in row {
+                            *x *= inv;
                         }
                     }
+                    let g = blk.queries(&go_rows, n);
+                    let pt = transposed((p.as_ptr(), n.lk, 1));
+                    // SAFETY: `queries` and `keys` checked their rows; p and dp hold rows × lk
+                    // elements, dk and dv lk × d.
+                    unsafe {
+                        let dv = (dv.as_mut_ptr(), n.d);
+                        matmul((n.lk, n.d, rows), dv, true, (pt, g), 1.0, NO_THREADS);
+                        let (dp, vt) = ((dp.as_mut_ptr(), n.lk), transposed(blk.keys(&v, n)));
+                        matmul((rows, n.lk, n.d), dp, false, (g, vt), 1.0, NO_THREADS);
+                    }
+                    for (i, (dp, p)) in dp.chunks_mut(n.lk).zip(p.chunks(n.lk)).enumerate() {
+                        let at = (b * n.lq + row0 + i) * c + h * n.d;
+                        let r = dot_lanes(&o[at..at + n.d], &go[at..at + n.d]);
+                        for (dp, p) in dp.iter_mut().zip(p) {
+                            *dp = p * (*dp - r);
+                        }
+                    }
+                    let ds = (dp.as_ptr(), n.lk, 1);
+                    // SAFETY: as above; dq holds lq × d elements, this block's from row0 on.
+                    unsafe {
+                        let dq = (dq[row0 * n.d..].as_mut_ptr(), n.d);
+                        let k = blk.keys(&k, n);
+                        matmul((rows, n.d, n.lk), dq, false, (ds, k), n.scale(), NO_THREADS);
+                        let (dk, q) = ((dk.as_mut_ptr(), n.d), blk.queries(&q, n));
+                        let dst = transposed(ds);
+                        matmul((n.lk, n.d, rows), dk, true, (dst, q), n.scale(), NO_THREADS);
+                    }
                 }
+                [dq, dk, dv]
             })
+        })
+        .collect();
+    for (which, out) in out.iter_mut().enumerate() {
+        let len = if which == 0 { n.lq } else { n.lk };
+        out.par_chunks_mut(c).enumerate().for_each(|(row, out)| {
+            let (b, i) = (row / len, row % len);
+            for (h, cols) in out.chunks_mut(n.d).enumerate() {
+                cols.copy_from_slice(&heads[b * n.heads + h][which][i * n.d..(i + 1) * n.d]);
+            }
         });
-    [dq, dk, dv]
+    }
+    out
 }
 
 /// F16/BF16 rows as contiguous F32 [B, L, C].
@@ -435,9 +421,7 @@ impl Attention {
             None => f(None),
         }
     }
-}
 
-impl Attention {
     /// [`backward_f32`] on [q, k, v, output, output gradient] (in F32, whatever their dtype):
     /// the gradients of q, k and v in q's dtype.
     fn cpu_backward(&self, t: [&Tensor; 5]) -> Result<[Tensor; 3]> {
@@ -467,7 +451,7 @@ impl Attention {
             candle_core::bail!("attention: a gradient on another device")
         };
         let name = self.name();
-        let grads = self.with_bias(|bias| {
+        let [dq, dk, dv] = self.with_bias(|bias| {
             let bias = match bias {
                 Some((Storage::Cpu(s), l)) => Some(super::cpu_slice::<f32>(s, l, name)?),
                 Some(_) => candle_core::bail!("attention: the bias is on another device"),
@@ -483,7 +467,6 @@ impl Attention {
                 n,
             ))
         })?;
-        let [dq, dk, dv] = grads;
         let back = |g: Vec<f32>, like: &Tensor| {
             Tensor::from_vec(g, like.shape(), like.device())?.to_dtype(dtype)
         };

@@ -168,7 +168,7 @@ fn scatter_add(g: &Geometry, cols: &[f32], (r0, rows): (usize, usize), gx: &mut 
 ///
 /// # Safety
 /// As [`super::matmul`]'s.
-unsafe fn matmul(
+unsafe fn matmul_par(
     dims: (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
@@ -201,7 +201,7 @@ pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
             // the block's pixels of xb's C_in = K rows; dst is the block's P pixels of y's C_out
             // rows of this image, which nothing else touches.
             unsafe {
-                matmul(
+                matmul_par(
                     (g.c_out, p, kl),
                     dst,
                     out_hw,
@@ -248,21 +248,21 @@ pub(crate) fn backward(
             if g.direct() {
                 if let Some(gxb) = gxb.as_deref_mut() {
                     let dst = gxb[block.0 * g.ow..].as_mut_ptr();
-                    unsafe { matmul((kl, p, g.c_out), dst, in_hw, false, wt, gyb) };
+                    unsafe { matmul_par((kl, p, g.c_out), dst, in_hw, false, wt, gyb) };
                 }
                 // xᵀ [P, K]: the block's pixels of the C_in = K rows of xb.
                 let xt = (xb[block.0 * g.ow..].as_ptr(), 1, in_hw);
-                unsafe { matmul((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, xt) };
+                unsafe { matmul_par((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, xt) };
             } else {
                 cols.resize(kl * p, 0.0);
                 if let Some(gxb) = gxb.as_deref_mut() {
-                    unsafe { matmul((kl, p, g.c_out), cols.as_mut_ptr(), p, false, wt, gyb) };
+                    unsafe { matmul_par((kl, p, g.c_out), cols.as_mut_ptr(), p, false, wt, gyb) };
                     scatter_add(g, &cols, block, gxb);
                 }
                 gather(g, xb, block, &mut cols);
                 // colsᵀ [P, K]: rows of cols are its columns.
                 let ct = (cols.as_ptr(), 1, p);
-                unsafe { matmul((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, ct) };
+                unsafe { matmul_par((g.c_out, kl, p), gw.as_mut_ptr(), kl, !first, gyb, ct) };
             }
             first = false;
         }

@@ -96,8 +96,8 @@ pub(crate) fn run_vectorized<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// `vectorized!(|| body)`: the body compiled for AVX2 and FMA where the CPU has them
-/// ([`run_vectorized`]). Functions the body calls are inlined into it only if they are
-/// `#[inline(always)]`.
+/// ([`run_vectorized`]). Functions the body calls are sure to be inlined into it (and so compiled
+/// for AVX2 too) only if they are `#[inline(always)]`.
 macro_rules! vectorized {
     ($($closure:tt)*) => {
         $crate::model::kernels::run_vectorized(#[inline(always)] $($closure)*)
