@@ -424,7 +424,11 @@ fn backward_cpu<T: Float>(
                         for ((g, xh), xv) in gs.iter_mut().zip(xh.iter_mut()).zip(&x[run]) {
                             (*xh, *g) = grad_at(xv.to_f32(), *g, (wc, bc), stats, silu);
                         }
-                        let (s_w, s_b) = (dot_lanes(gs, xh), sum_lanes(gs));
+                        // LayerNorm's channels are one element each.
+                        let (s_w, s_b) = match (&gs[..], &xh[..]) {
+                            ([g], [xh]) => (g * xh, *g),
+                            _ => (dot_lanes(gs, xh), sum_lanes(gs)),
+                        };
                         sum_gh += s_b as f64 * wc as f64;
                         sum_gh_xh += s_w as f64 * wc as f64;
                         share[0] = s_w;
