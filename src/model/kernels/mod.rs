@@ -71,23 +71,35 @@ macro_rules! half_float {
 half_float!(f16);
 half_float!(bf16);
 
-/// Runs `f` compiled for AVX2 and FMA when the CPU has them, else as the rest of the binary is.
-/// Called through [`vectorized!`], which marks the closure `#[inline(always)]`: a closure with
-/// two callers would otherwise stay one function, compiled for the baseline.
+/// Runs `f` compiled for AVX-512 (x86-64-v4) or else AVX2 and FMA when the CPU has them, else as
+/// the rest of the binary is. Called through [`vectorized!`], which marks the closure
+/// `#[inline(always)]`: a closure with two callers would otherwise stay one function, compiled
+/// for the baseline.
 ///
 /// A release build targets the x86-64 baseline (SSE2: four F32 lanes), so that it runs on any
-/// x86-64 CPU; the kernels' element-wise loops, inlined into `f`, get eight lanes here, chosen at
-/// run time as PyTorch's CPU kernels are. The results are the same bit for bit: Rust never fuses
-/// a multiply and an add on its own, and every loop's order of additions is written out.
+/// x86-64 CPU; the kernels' element-wise loops, inlined into `f`, get sixteen or eight lanes
+/// here, chosen at run time as PyTorch's CPU kernels are. The results are the same bit for bit:
+/// Rust never fuses a multiply and an add on its own, and every loop's order of additions is
+/// written out.
 #[inline(always)]
 pub(crate) fn run_vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
         #[target_feature(enable = "avx2,fma")]
         fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        use std::is_x86_feature_detected as has;
+        let avx2_fma = has!("avx2") && has!("fma");
+        if avx2_fma && has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+            // SAFETY: this CPU has the features `avx512` is compiled for.
+            return unsafe { avx512(f) };
+        }
+        if avx2_fma {
             // SAFETY: this CPU has the features `avx2` is compiled for.
             return unsafe { avx2(f) };
         }
@@ -95,9 +107,9 @@ pub(crate) fn run_vectorized<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// `vectorized!(|| body)`: the body compiled for AVX2 and FMA where the CPU has them
+/// `vectorized!(|| body)`: the body compiled for AVX-512 or AVX2 and FMA where the CPU has them
 /// ([`run_vectorized`]). Functions the body calls are sure to be inlined into it (and so compiled
-/// for AVX2 too) only if they are `#[inline(always)]`.
+/// for those features too) only if they are `#[inline(always)]`.
 macro_rules! vectorized {
     ($($closure:tt)*) => {
         $crate::model::kernels::run_vectorized(#[inline(always)] $($closure)*)
