@@ -24,8 +24,8 @@ use super::{
 /// The widest head the CUDA kernel takes (its shared memory holds tiles of 32 keys × d).
 pub const MAX_CUDA_HEAD_DIM: usize = 128;
 
-/// Score elements of one CPU task (query rows × keys), 256 KiB of F32.
-const CPU_SCORES_PER_TASK: usize = 1 << 16;
+/// Score elements of one CPU task (query rows × keys), 1 MiB of F32.
+const CPU_SCORES_PER_TASK: usize = 1 << 18;
 
 /// Whether [`attention`] runs on `device` for heads of width `head_dim`.
 pub fn supported(device: &candle_core::Device, head_dim: usize) -> bool {
@@ -695,8 +695,8 @@ mod tests {
     fn fused_attention_equals_the_composite_ops() -> Result<()> {
         let dev = Device::Cpu;
         let mut rng = Rng::new(17);
-        // (batch, queries, keys, heads, head width): odd sizes; 1,000 keys make several CPU tasks.
-        for (b, lq, lk, heads, d) in [(2, 7, 5, 3, 5), (1, 70, 1000, 2, 8), (2, 33, 9, 1, 24)] {
+        // (batch, queries, keys, heads, head width): odd sizes; 5,000 keys make several CPU tasks.
+        for (b, lq, lk, heads, d) in [(2, 7, 5, 3, 5), (1, 70, 5000, 2, 8), (2, 33, 9, 1, 24)] {
             let c = heads * d;
             let q = (rng.randn((b, lq, c), &dev)? * 1.5)?;
             let k = rng.randn((b, lk, c), &dev)?;
