@@ -3,9 +3,11 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Storage, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::config::OptimizerConfig;
+use crate::model::kernels::{cpu_slice, vectorized};
 
 /// Decoupled-weight-decay Adam (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
 /// 2019), with bias-corrected moments as in Kingma & Ba 2015.
@@ -53,12 +55,23 @@ impl AdamW {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(self.steps as i32);
         let bc2 = 1.0 - b2.powi(self.steps as i32);
+        let k = Coefficients {
+            b1,
+            c1: 1.0 - b1,
+            b2,
+            c2: 1.0 - b2,
+            r1: 1.0 / bc1,
+            r2: 1.0 / bc2,
+            eps: self.cfg.eps,
+            decay: 1.0 - lr * self.cfg.weight_decay,
+            lr,
+        };
         for (i, ((_, p), g)) in self.params.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
-            let decayed = (p.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?;
-            p.set(&(decayed - (update * lr)?)?)?;
+            let fused = [p.as_tensor(), g, &self.m[i], &self.v[i]]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+            let update = if fused { update_cpu } else { update_tensors };
+            let (m, v) = update(p, g, (&self.m[i], &self.v[i]), &k)?;
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -96,6 +109,96 @@ impl AdamW {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// The scalars of one AdamW step, each applied as candle applies a scalar to a tensor.
+struct Coefficients {
+    b1: f64,
+    c1: f64,
+    b2: f64,
+    c2: f64,
+    r1: f64,
+    r2: f64,
+    eps: f64,
+    decay: f64,
+    lr: f64,
+}
+
+/// One AdamW update of `p` by tensor ops (any device and dtype): sets `p`, returns the new
+/// moments.
+fn update_tensors(
+    p: &Var,
+    g: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    k: &Coefficients,
+) -> Result<(Tensor, Tensor)> {
+    let m = ((m * k.b1)? + (g * k.c1)?)?;
+    let v = ((v * k.b2)? + (g.sqr()? * k.c2)?)?;
+    let update = ((&m * k.r1)? / ((&v * k.r2)?.sqrt()? + k.eps)?)?;
+    let decayed = (p.as_tensor() * k.decay)?;
+    p.set(&(decayed - (update * k.lr)?)?)?;
+    Ok((m, v))
+}
+
+/// [`update_tensors`] for an F32 parameter on the CPU, in one pass over its elements instead of
+/// twelve tensor ops (each a pass over memory and a new tensor). The same arithmetic in the same
+/// order as the tensor ops, so the same bits (a test).
+fn update_cpu(
+    p: &Var,
+    g: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    k: &Coefficients,
+) -> Result<(Tensor, Tensor)> {
+    const CHUNK: usize = 1 << 14;
+    // candle's `tensor * s` and `tensor + s` compute x · s + a in the tensor's dtype.
+    let f = |s: f64| s as f32;
+    let (b1, c1, b2, c2, r1, r2) = (f(k.b1), f(k.c1), f(k.b2), f(k.c2), f(k.r1), f(k.r2));
+    let (eps, decay, lr) = (f(k.eps), f(k.decay), f(k.lr));
+    let g = g.contiguous()?;
+    let n = p.elem_count();
+    let (mut new_p, mut new_m, mut new_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    {
+        let guards = [p.as_tensor(), &g, m, v].map(|t| t.storage_and_layout());
+        let mut inputs = Vec::with_capacity(4);
+        for ((storage, layout), what) in guards.iter().zip(["parameter", "gradient", "m", "v"]) {
+            let Storage::Cpu(storage) = &**storage else {
+                candle_core::bail!("AdamW: the {what} is not on the CPU")
+            };
+            let x = cpu_slice::<f32>(storage, layout, "AdamW")?;
+            if x.len() != n {
+                candle_core::bail!("AdamW: the {what} has {} elements, not {n}", x.len());
+            }
+            inputs.push(x);
+        }
+        let [p, g, m, v] = inputs[..] else {
+            unreachable!("four inputs")
+        };
+        new_p
+            .par_chunks_mut(CHUNK)
+            .zip(new_m.par_chunks_mut(CHUNK))
+            .zip(new_v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(j, ((np, nm), nv))| {
+                let at = j * CHUNK..j * CHUNK + np.len();
+                let (p, g, m, v) = (&p[at.clone()], &g[at.clone()], &m[at.clone()], &v[at]);
+                vectorized!(|| {
+                    for e in 0..np.len() {
+                        let (p, g, m, v) = (p[e], g[e], m[e], v[e]);
+                        let m = (m * b1 + 0.0) + (g * c1 + 0.0);
+                        let v = (v * b2 + 0.0) + ((g * g) * c2 + 0.0);
+                        let update = (m * r1 + 0.0) / ((v * r2 + 0.0).sqrt() * 1.0 + eps);
+                        np[e] = (p * decay + 0.0) - (update * lr + 0.0);
+                        (nm[e], nv[e]) = (m, v);
+                    }
+                })
+            });
+    }
+    let (shape, dev) = (p.shape(), p.device());
+    p.set(&Tensor::from_vec(new_p, shape, dev)?)?;
+    Ok((
+        Tensor::from_vec(new_m, shape, dev)?,
+        Tensor::from_vec(new_v, shape, dev)?,
+    ))
 }
 
 /// Linear warm-up to `lr`, then a half cosine down to `lr_min` at `total_steps` (SGDR, Loshchilov
@@ -173,6 +276,44 @@ mod tests {
         let want = 0.899 * 0.999 - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
         let after2 = p.as_tensor().to_vec1::<f32>()?[0] as f64;
         assert!((after2 - want).abs() < 1e-6, "{after2} vs {want}");
+        Ok(())
+    }
+
+    /// The one-pass CPU update gives the tensor ops' bits, over several chunks and two steps.
+    #[test]
+    fn one_pass_update_equals_the_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(3);
+        let n = 40_000;
+        let start = rng.randn(n, &dev)?;
+        let (a, b) = (Var::from_tensor(&start)?, Var::from_tensor(&start)?);
+        let zeros = || start.zeros_like();
+        let mut moments = [(zeros()?, zeros()?), (zeros()?, zeros()?)];
+        for step in 1..=2 {
+            let g = (rng.randn(n, &dev)? * 0.1)?;
+            let k = Coefficients {
+                b1: 0.9,
+                c1: 0.1,
+                b2: 0.999,
+                c2: 1.0 - 0.999,
+                r1: 1.0 / (1.0 - 0.9f64.powi(step)),
+                r2: 1.0 / (1.0 - 0.999f64.powi(step)),
+                eps: 1e-8,
+                decay: 1.0 - 3e-4 * 0.01,
+                lr: 3e-4,
+            };
+            let [(ma, va), (mb, vb)] = &moments;
+            let next_a = update_cpu(&a, &g, (ma, va), &k)?;
+            let next_b = update_tensors(&b, &g, (mb, vb), &k)?;
+            moments = [next_a, next_b];
+        }
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+        };
+        assert_eq!(bits(a.as_tensor())?, bits(b.as_tensor())?);
+        assert_eq!(bits(&moments[0].0)?, bits(&moments[1].0)?);
+        assert_eq!(bits(&moments[0].1)?, bits(&moments[1].1)?);
+        assert_ne!(bits(a.as_tensor())?, bits(&start)?);
         Ok(())
     }
 
