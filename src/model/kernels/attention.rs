@@ -244,6 +244,59 @@ impl Block {
     }
 }
 
+impl Block {
+    /// [`Self::exp_scores`] key-major: the block's unnormalised probabilities into `pt` [lk,
+    /// rows] (query row i's in column i), each row's sum into `sums`; `max` [rows] is scratch.
+    /// Computed as Sᵀ = K Qᵀ, which gemm turns into S = Q Kᵀ with a column-major result, so that
+    /// it reads the keys in place and packs only the block's queries; the row-major product
+    /// packs every key again for each block of rows (a fifth of the VAE decode's attention).
+    /// The softmax's maxima and sums run across rows of `pt`, one lane per query.
+    #[inline(always)]
+    fn exp_scores_by_key(
+        &self,
+        (q, k): (&Rows<f32>, &Rows<f32>),
+        bias: Option<&[f32]>,
+        n: Dims,
+        (pt, sums, max): (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let rows = self.rows;
+        assert_eq!(pt.len(), rows * n.lk);
+        assert!(sums.len() == rows && max.len() == rows);
+        let qt = transposed(self.queries(q, n));
+        // SAFETY: `queries` and `keys` checked their rows; pt holds lk × rows elements.
+        unsafe {
+            matmul(
+                (n.lk, rows, n.d),
+                (pt.as_mut_ptr(), rows),
+                false,
+                (self.keys(k, n), qt),
+                n.scale(),
+                NO_THREADS,
+            )
+        };
+        if let Some(bias) = bias {
+            for (scores, b) in pt.chunks_mut(rows).zip(bias) {
+                for s in scores {
+                    *s += b;
+                }
+            }
+        }
+        max.fill(f32::NEG_INFINITY);
+        for scores in pt.chunks(rows) {
+            for (m, &s) in max.iter_mut().zip(scores) {
+                *m = m.max(s);
+            }
+        }
+        sums.fill(0.0);
+        for scores in pt.chunks_mut(rows) {
+            for ((s, m), sum) in scores.iter_mut().zip(&*max).zip(sums.iter_mut()) {
+                *s = fast_exp(*s - m);
+                *sum += *s;
+            }
+        }
+    }
+}
+
 /// Inside a rayon task the products run on its thread.
 const NO_THREADS: gemm::Parallelism = gemm::Parallelism::None;
 
@@ -280,8 +333,8 @@ fn forward_f32(
                 .for_each(|(task, out)| {
                     vectorized!(|| {
                         let rows = out.len() / c;
-                        let mut p = vec![0f32; rows * n.lk];
-                        let mut sums = vec![0f32; rows];
+                        let mut pt = vec![0f32; n.lk * rows];
+                        let (mut sums, mut max) = (vec![0f32; rows], vec![0f32; rows]);
                         for h in 0..n.heads {
                             let blk = Block {
                                 b,
@@ -289,7 +342,10 @@ fn forward_f32(
                                 row0: task * per_task,
                                 rows,
                             };
-                            blk.exp_scores((&q, &k), bias, n, &mut p, &mut sums);
+                            let scratch = (&mut pt[..], &mut sums[..], &mut max[..]);
+                            blk.exp_scores_by_key((&q, &k), bias, n, scratch);
+                            // P [rows, lk] is pt read across.
+                            let p = transposed((pt.as_ptr(), rows, 1));
                             // SAFETY: `keys` checked v's rows; the output block of head h is
                             // columns h·d..(h+1)·d of out's rows × c elements.
                             unsafe {
@@ -297,7 +353,7 @@ fn forward_f32(
                                     (rows, n.d, n.lk),
                                     (out[h * n.d..].as_mut_ptr(), c),
                                     false,
-                                    ((p.as_ptr(), n.lk, 1), blk.keys(&v, n)),
+                                    (p, blk.keys(&v, n)),
                                     1.0,
                                     NO_THREADS,
                                 )
