@@ -7,19 +7,17 @@
 //! CUDA: one kernel with FlashAttention's online softmax (attention.cu), head widths up to
 //! [`MAX_CUDA_HEAD_DIM`]; its backward pass is the chunked one of [`crate::model::attention`].
 //! CPU: per batch and block of query rows, every head's scores by one matrix product (the `gemm`
-//! crate on strided views), bias and the unnormalised softmax in place, then the product with v
-//! written straight into the output and divided by each row's sum. The CPU backward pass is one
-//! op too ([`backward_f32`]): per batch element, head and block of query rows it recomputes the
-//! probabilities and accumulates the three gradients by matrix products, never holding more
-//! than two blocks of scores.
+//! crate on strided views; stored key-major, so that gemm reads the keys in place), bias and the
+//! unnormalised softmax in place, then the product with v written straight into the output and
+//! divided by each row's sum. The CPU backward pass is one op too ([`backward_f32`]): per batch
+//! element, head and block of query rows it recomputes the probabilities and accumulates the
+//! three gradients by matrix products, never holding more than two blocks of scores.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{
-    dot_lanes, fast_exp, float_dispatch, matmul, same_dtype, sum_lanes, vectorized, Float, Strided,
-};
+use super::{dot_lanes, fast_exp, float_dispatch, matmul, same_dtype, vectorized, Float, Strided};
 
 /// The widest head the CUDA kernel takes (its shared memory holds tiles of 32 keys × d).
 pub const MAX_CUDA_HEAD_DIM: usize = 128;
@@ -154,37 +152,6 @@ impl Dims {
     }
 }
 
-/// The unnormalised softmax of one row of scores, in place: e^(s + bias − max) for each score,
-/// and their sum, by which the caller divides the row's product with v (d values instead of the
-/// row's Lk). Eight partial maxima and sums: loops the compiler vectorises, with [`fast_exp`].
-/// (A bias comes with cross-attention, whose rows are the few tokens of the text.)
-#[inline(always)]
-fn exp_row(scores: &mut [f32], bias: Option<&[f32]>) -> f32 {
-    if let Some(bias) = bias {
-        for (s, b) in scores.iter_mut().zip(bias) {
-            *s += b;
-        }
-    }
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = scores.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    for chunk in chunks {
-        for (m, &s) in lanes.iter_mut().zip(chunk) {
-            *m = m.max(s);
-        }
-    }
-    let max = lanes.iter().fold(tail, |m, &s| m.max(s));
-    // The exponentials and their sum in separate loops: the sum's lanes in the same loop keep
-    // the compiler from vectorising the exponentials.
-    for s in scores.iter_mut() {
-        *s = fast_exp(*s - max);
-    }
-    sum_lanes(scores)
-}
-
 /// One block of query rows of one head: batch `b`, head `h`, rows `row0..row0 + rows`.
 #[derive(Clone, Copy)]
 struct Block {
@@ -214,45 +181,15 @@ impl Block {
         self.rows_of(k, n, 0, n.lk)
     }
 
-    /// The unnormalised softmax of the block's scores into `p` [rows, lk], each row's sum into
-    /// `sums` ([`exp_row`]).
+    /// The unnormalised softmax of the block's scores, key-major: into `pt` [lk, rows] (query row
+    /// i's probabilities in column i, each still to be divided by its sum), each row's sum into
+    /// `sums`; `max` [rows] is scratch.
+    /// Computed as Sᵀ = K Qᵀ, which gemm turns into S = Q Kᵀ with a column-major result, so that
+    /// it reads the keys in place and packs only the block's queries (a row-major [rows, lk]
+    /// block had it pack every key again for each block of rows: a fifth of the VAE decode's
+    /// attention). The softmax's maxima and sums run across rows of `pt`, a lane per query.
     #[inline(always)]
     fn exp_scores(
-        &self,
-        (q, k): (&Rows<f32>, &Rows<f32>),
-        bias: Option<&[f32]>,
-        n: Dims,
-        p: &mut [f32],
-        sums: &mut [f32],
-    ) {
-        let kt = transposed(self.keys(k, n));
-        assert_eq!(p.len(), self.rows * n.lk);
-        // SAFETY: `queries` and `keys` checked their rows; p holds rows × lk elements.
-        unsafe {
-            matmul(
-                (self.rows, n.lk, n.d),
-                (p.as_mut_ptr(), n.lk),
-                false,
-                (self.queries(q, n), kt),
-                n.scale(),
-                NO_THREADS,
-            )
-        };
-        for (row, sum) in p.chunks_mut(n.lk).zip(sums) {
-            *sum = exp_row(row, bias);
-        }
-    }
-}
-
-impl Block {
-    /// [`Self::exp_scores`] key-major: the block's unnormalised probabilities into `pt` [lk,
-    /// rows] (query row i's in column i), each row's sum into `sums`; `max` [rows] is scratch.
-    /// Computed as Sᵀ = K Qᵀ, which gemm turns into S = Q Kᵀ with a column-major result, so that
-    /// it reads the keys in place and packs only the block's queries; the row-major product
-    /// packs every key again for each block of rows (a fifth of the VAE decode's attention).
-    /// The softmax's maxima and sums run across rows of `pt`, one lane per query.
-    #[inline(always)]
-    fn exp_scores_by_key(
         &self,
         (q, k): (&Rows<f32>, &Rows<f32>),
         bias: Option<&[f32]>,
@@ -343,7 +280,7 @@ fn forward_f32(
                                 rows,
                             };
                             let scratch = (&mut pt[..], &mut sums[..], &mut max[..]);
-                            blk.exp_scores_by_key((&q, &k), bias, n, scratch);
+                            blk.exp_scores((&q, &k), bias, n, scratch);
                             // P [rows, lk] is pt read across.
                             let p = transposed((pt.as_ptr(), rows, 1));
                             // SAFETY: `keys` checked v's rows; the output block of head h is
@@ -396,45 +333,60 @@ fn backward_f32(
                 let (b, h) = (task / n.heads, task % n.heads);
                 let bias = bias.map(|bias| &bias[b * n.lk..(b + 1) * n.lk]);
                 let [mut dq, mut dk, mut dv] = [n.lq, n.lk, n.lk].map(|len| vec![0f32; len * n.d]);
-                let mut p = vec![0f32; per_task * n.lk];
-                let mut dp = vec![0f32; per_task * n.lk];
-                let mut sums = vec![0f32; per_task];
+                let mut pt = vec![0f32; per_task * n.lk];
+                let mut dpt = vec![0f32; per_task * n.lk];
+                let [mut sums, mut inv, mut r] = [(); 3].map(|_| vec![0f32; per_task]);
                 for row0 in (0..n.lq).step_by(per_task) {
                     let rows = per_task.min(n.lq - row0);
                     let blk = Block { b, h, row0, rows };
-                    let (p, dp) = (&mut p[..rows * n.lk], &mut dp[..rows * n.lk]);
-                    blk.exp_scores((&q, &k), bias, n, p, &mut sums);
-                    for (row, sum) in p.chunks_mut(n.lk).zip(&sums) {
-                        let inv = 1.0 / sum;
-                        for x in row {
+                    let (pt, dpt) = (&mut pt[..rows * n.lk], &mut dpt[..rows * n.lk]);
+                    let (sums, inv, r) = (&mut sums[..rows], &mut inv[..rows], &mut r[..rows]);
+                    // P, key-major; `inv` is scratch until it holds 1 / each row's sum.
+                    blk.exp_scores((&q, &k), bias, n, (&mut *pt, &mut *sums, &mut *inv));
+                    for (inv, sum) in inv.iter_mut().zip(&*sums) {
+                        *inv = 1.0 / sum;
+                    }
+                    for scores in pt.chunks_mut(rows) {
+                        for (x, inv) in scores.iter_mut().zip(&*inv) {
                             *x *= inv;
                         }
                     }
                     let g = blk.queries(&go_rows, n);
-                    let pt = transposed((p.as_ptr(), n.lk, 1));
-                    // SAFETY: `queries` and `keys` checked their rows; p and dp hold rows × lk
+                    // Pᵀ [lk, rows] is pt; its transpose P is pt read across.
+                    let pt_rows = (pt.as_ptr(), rows, 1);
+                    // SAFETY: `queries` and `keys` checked their rows; pt and dpt hold lk × rows
                     // elements, dk and dv lk × d.
                     unsafe {
                         let dv = (dv.as_mut_ptr(), n.d);
-                        matmul((n.lk, n.d, rows), dv, true, (pt, g), 1.0, NO_THREADS);
-                        let (dp, vt) = ((dp.as_mut_ptr(), n.lk), transposed(blk.keys(&v, n)));
-                        matmul((rows, n.lk, n.d), dp, false, (g, vt), 1.0, NO_THREADS);
+                        matmul((n.lk, n.d, rows), dv, true, (pt_rows, g), 1.0, NO_THREADS);
+                        // dPᵀ = V goᵀ, key-major as the scores (gemm reads v in place).
+                        let (dpt, v) = ((dpt.as_mut_ptr(), rows), blk.keys(&v, n));
+                        matmul(
+                            (n.lk, rows, n.d),
+                            dpt,
+                            false,
+                            (v, transposed(g)),
+                            1.0,
+                            NO_THREADS,
+                        );
                     }
-                    for (i, (dp, p)) in dp.chunks_mut(n.lk).zip(p.chunks(n.lk)).enumerate() {
+                    for (i, r) in r.iter_mut().enumerate() {
                         let at = (b * n.lq + row0 + i) * c + h * n.d;
-                        let r = dot_lanes(&o[at..at + n.d], &go[at..at + n.d]);
-                        for (dp, p) in dp.iter_mut().zip(p) {
+                        *r = dot_lanes(&o[at..at + n.d], &go[at..at + n.d]);
+                    }
+                    // dSᵀ = Pᵀ ⊙ (dPᵀ − r), in place of dPᵀ.
+                    for (dp, p) in dpt.chunks_mut(rows).zip(pt.chunks(rows)) {
+                        for ((dp, p), r) in dp.iter_mut().zip(p).zip(&*r) {
                             *dp = p * (*dp - r);
                         }
                     }
-                    let ds = (dp.as_ptr(), n.lk, 1);
+                    let dst = (dpt.as_ptr(), rows, 1);
                     // SAFETY: as above; dq holds lq × d elements, this block's from row0 on.
                     unsafe {
                         let dq = (dq[row0 * n.d..].as_mut_ptr(), n.d);
-                        let k = blk.keys(&k, n);
+                        let (ds, k) = (transposed(dst), blk.keys(&k, n));
                         matmul((rows, n.d, n.lk), dq, false, (ds, k), n.scale(), NO_THREADS);
                         let (dk, q) = ((dk.as_mut_ptr(), n.d), blk.queries(&q, n));
-                        let dst = transposed(ds);
                         matmul((n.lk, n.d, rows), dk, true, (dst, q), n.scale(), NO_THREADS);
                     }
                 }
