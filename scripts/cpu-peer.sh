@@ -58,3 +58,7 @@ for name, into in [("sample-f32", "sample-f32"), ("train-f32-plain", "train-f32-
     (out / f"{into}.json").write_text(json.dumps(merged, indent=1))
 EOF
 python3 "$repo/scripts/gpu-table.py" --ratios "$out" | tee "$out/cpu-peer.md"
+# The ratios depend on the CPU's vector units (PyTorch's oneDNN and gemm's kernels both choose
+# theirs at run time): name it with the table.
+simd=$(grep -m1 -ow -e avx512f /proc/cpuinfo || grep -m1 -ow -e avx2 /proc/cpuinfo || echo baseline)
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), widest vectors: $simd" | tee -a "$out/cpu-peer.md"
