@@ -9,7 +9,8 @@
 #
 # The two programs take turns, ROUNDS times, and each figure is the smallest of its rounds: on a
 # machine shared with other work, the round with the least interference. Writes the raw JSON of
-# every round and the table to $OUT (else target/cpu-peer/).
+# every round and the table to $OUT (else target/cpu-peer/), with the CPU's name and the widest
+# vectors cxrgen's kernels use on it (avx512, avx2 or baseline) under the table.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 threads=${1:-2}
@@ -60,5 +61,10 @@ EOF
 python3 "$repo/scripts/gpu-table.py" --ratios "$out" | tee "$out/cpu-peer.md"
 # The ratios depend on the CPU's vector units (PyTorch's oneDNN and gemm's kernels both choose
 # theirs at run time): name it with the table.
-simd=$(grep -m1 -ow -e avx512f /proc/cpuinfo || grep -m1 -ow -e avx2 /proc/cpuinfo || echo baseline)
+flags=" $(grep -m1 '^flags' /proc/cpuinfo) "
+simd=baseline
+[[ $flags == *" avx2 "* && $flags == *" fma "* ]] && simd=avx2
+wide=$simd
+for f in avx512f avx512bw avx512dq avx512vl; do [[ $flags == *" $f "* ]] || wide=; done
+[[ $wide == avx2 ]] && simd=avx512
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), widest vectors: $simd" | tee -a "$out/cpu-peer.md"

@@ -154,6 +154,13 @@ fn update_cpu(
     let f = |s: f64| s as f32;
     let (b1, c1, b2, c2, r1, r2) = (f(k.b1), f(k.c1), f(k.b2), f(k.c2), f(k.r1), f(k.r2));
     let (eps, decay, lr) = (f(k.eps), f(k.decay), f(k.lr));
+    if g.shape() != p.shape() {
+        candle_core::bail!(
+            "AdamW: gradient {:?} for a parameter {:?}",
+            g.shape(),
+            p.shape()
+        )
+    }
     let g = g.contiguous()?;
     let n = p.elem_count();
     let (mut new_p, mut new_m, mut new_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);

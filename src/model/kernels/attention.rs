@@ -6,7 +6,7 @@
 //!
 //! CUDA: one kernel with FlashAttention's online softmax (attention.cu), head widths up to
 //! [`MAX_CUDA_HEAD_DIM`]; its backward pass is the chunked one of [`crate::model::attention`].
-//! CPU: per batch and block of query rows, every head's scores by one matrix product (the `gemm`
+//! CPU: per batch and block of query rows, each head's scores by one matrix product (the `gemm`
 //! crate on strided views; stored key-major, so that gemm reads the keys in place), bias and the
 //! unnormalised softmax in place, then the product with v written straight into the output and
 //! divided by each row's sum. The CPU backward pass is one op too ([`backward_f32`]): per batch
@@ -703,8 +703,9 @@ mod tests {
     fn fused_attention_equals_the_composite_ops() -> Result<()> {
         let dev = Device::Cpu;
         let mut rng = Rng::new(17);
-        // (batch, queries, keys, heads, head width): odd sizes; 5,000 keys make several CPU tasks.
-        for (b, lq, lk, heads, d) in [(2, 7, 5, 3, 5), (1, 70, 5000, 2, 8), (2, 33, 9, 1, 24)] {
+        // (batch, queries, keys, heads, head width): odd sizes; 5,000 keys make two CPU tasks
+        // (blocks of query rows), with batch 1's keys masked.
+        for (b, lq, lk, heads, d) in [(2, 7, 5, 3, 5), (2, 70, 5000, 2, 8), (2, 33, 9, 1, 24)] {
             let c = heads * d;
             let q = (rng.randn((b, lq, c), &dev)? * 1.5)?;
             let k = rng.randn((b, lk, c), &dev)?;

@@ -413,7 +413,7 @@ mod tests {
         assert_eq!(fast_erf(f32::NEG_INFINITY), -1.0);
     }
 
-    /// Eight lanes and four give the same bits: SiLU and its gradient's sigmoid, as the norm
+    /// The vector copies (sixteen or eight lanes) and the baseline (four) give the same bits: SiLU and its gradient's sigmoid, as the norm
     /// kernels compute them, over a slice, inside and outside [`vectorized!`].
     #[test]
     fn vectorized_loops_give_the_same_bits() {
