@@ -52,20 +52,7 @@ impl AdamW {
             );
         }
         self.steps += 1;
-        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let bc1 = 1.0 - b1.powi(self.steps as i32);
-        let bc2 = 1.0 - b2.powi(self.steps as i32);
-        let k = Coefficients {
-            b1,
-            c1: 1.0 - b1,
-            b2,
-            c2: 1.0 - b2,
-            r1: 1.0 / bc1,
-            r2: 1.0 / bc2,
-            eps: self.cfg.eps,
-            decay: 1.0 - lr * self.cfg.weight_decay,
-            lr,
-        };
+        let k = Coefficients::new(&self.cfg, self.steps, lr);
         for (i, ((_, p), g)) in self.params.iter().zip(grads).enumerate() {
             let fused = [p.as_tensor(), g, &self.m[i], &self.v[i]]
                 .iter()
@@ -122,6 +109,24 @@ struct Coefficients {
     eps: f64,
     decay: f64,
     lr: f64,
+}
+
+impl Coefficients {
+    /// Those of optimizer step `step` (from 1) at rate `lr`, the moments bias-corrected.
+    fn new(cfg: &OptimizerConfig, step: u64, lr: f64) -> Self {
+        let (b1, b2) = (cfg.beta1, cfg.beta2);
+        Self {
+            b1,
+            c1: 1.0 - b1,
+            b2,
+            c2: 1.0 - b2,
+            r1: 1.0 / (1.0 - b1.powi(step as i32)),
+            r2: 1.0 / (1.0 - b2.powi(step as i32)),
+            eps: cfg.eps,
+            decay: 1.0 - lr * cfg.weight_decay,
+            lr,
+        }
+    }
 }
 
 /// One AdamW update of `p` by tensor ops (any device and dtype): sets `p`, returns the new
@@ -298,17 +303,7 @@ mod tests {
         let mut moments = [(zeros()?, zeros()?), (zeros()?, zeros()?)];
         for step in 1..=2 {
             let g = (rng.randn(n, &dev)? * 0.1)?;
-            let k = Coefficients {
-                b1: 0.9,
-                c1: 0.1,
-                b2: 0.999,
-                c2: 1.0 - 0.999,
-                r1: 1.0 / (1.0 - 0.9f64.powi(step)),
-                r2: 1.0 / (1.0 - 0.999f64.powi(step)),
-                eps: 1e-8,
-                decay: 1.0 - 3e-4 * 0.01,
-                lr: 3e-4,
-            };
+            let k = Coefficients::new(&cfg(), step, 3e-4);
             let [(ma, va), (mb, vb)] = &moments;
             let next_a = update_cpu(&a, &g, (ma, va), &k)?;
             let next_b = update_tensors(&b, &g, (mb, vb), &k)?;

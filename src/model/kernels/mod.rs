@@ -413,8 +413,9 @@ mod tests {
         assert_eq!(fast_erf(f32::NEG_INFINITY), -1.0);
     }
 
-    /// The vector copies (sixteen or eight lanes) and the baseline (four) give the same bits: SiLU and its gradient's sigmoid, as the norm
-    /// kernels compute them, over a slice, inside and outside [`vectorized!`].
+    /// The vector copies (sixteen or eight lanes) and the baseline (four) give the same bits:
+    /// SiLU and its gradient's sigmoid, as the norm kernels compute them, over a slice, inside
+    /// and outside [`vectorized!`].
     #[test]
     fn vectorized_loops_give_the_same_bits() {
         let xs: Vec<f32> = (0..10_000).map(|i| -95.0 + i as f32 * 0.0191).collect();
