@@ -251,7 +251,7 @@ fn kernel_rows(device: &Device, precision: Precision) -> Result<Vec<serde_json::
         )?;
         let run = |ours: bool| -> Result<()> {
             let y = if ours {
-                crate::model::conv::conv2d(&x, &w, 1, s)?
+                crate::model::conv::conv2d(&x, &w, None, 1, s)?
             } else {
                 x.conv2d(&w, 1, s, 1, 1)?
             };

@@ -60,7 +60,7 @@ pub(crate) fn sum_except(g: &Tensor, axis: usize, dtype: DType) -> Result<Tensor
 }
 
 /// The sums over the first and last dimensions of `g` [before, C, after]: [C].
-fn sum_outer(g: &[f32], (before, c, after): (usize, usize, usize)) -> Vec<f32> {
+pub(crate) fn sum_outer(g: &[f32], (before, c, after): (usize, usize, usize)) -> Vec<f32> {
     let mut out = vec![0f32; c];
     if c == 0 || after == 0 {
         return out;

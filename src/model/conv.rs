@@ -14,21 +14,54 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+use super::affine::add_bias;
 use super::kernels::conv_cpu::Conv2dCpu;
+use super::kernels::on_cpu_f32;
+use super::kernels::weighted::CpuOp;
 
 use super::precomputed::Precomputed;
 
-/// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] with symmetric `padding` and `stride` (dilation
-/// 1, one group) → [B, C_out, H', W'].
-pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        let op = Conv2dCpu {
-            pad: padding,
-            stride,
+/// Whether [`conv2d`] adds its bias inside the convolution, and takes one per image: on the CPU
+/// in F32.
+pub fn fuses_bias(x: &Tensor, w: &Tensor) -> bool {
+    on_cpu_f32(&[x, w])
+}
+
+/// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] + `bias` with symmetric `padding` and `stride`
+/// (dilation 1, one group) → [B, C_out, H', W'].
+///
+/// Where [`fuses_bias`], the bias is [C_out] or [B, C_out] (one row per image) and the products
+/// accumulate onto it; elsewhere it is [C_out], added after the convolution with its gradient
+/// summed in F32 ([`add_bias`]).
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    if fuses_bias(x, w) {
+        let op = || {
+            CpuOp(Conv2dCpu {
+                pad: padding,
+                stride,
+            })
         };
-        return x.contiguous()?.apply_op2(&w.contiguous()?, op);
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        return match bias {
+            Some(b) => x.apply_op3(&w, &b.to_dtype(DType::F32)?.contiguous()?, op()),
+            None => x.apply_op2(&w, op()),
+        };
     }
-    composite(x, w, padding, stride)
+    let y = composite(x, w, padding, stride)?;
+    match bias {
+        Some(b) if b.rank() == 1 => add_bias(&y, b, 1),
+        Some(b) => candle_core::bail!(
+            "conv2d: a bias of shape {:?} (one per image) needs the CPU in F32",
+            b.dims()
+        ),
+        None => Ok(y),
+    }
 }
 
 /// candle's convolution, with the input gradient as convolutions (CUDA, and F16/BF16 on the CPU).
@@ -265,6 +298,11 @@ mod tests {
     /// A convolution case: batch, input and output channels, (H, W), kernel, padding, stride.
     type Case = (usize, usize, usize, (usize, usize), usize, usize, usize);
 
+    /// [`conv2d`] without a bias.
+    fn unbiased(x: &Tensor, w: &Tensor, p: usize, s: usize) -> Result<Tensor> {
+        conv2d(x, w, None, p, s)
+    }
+
     /// Both paths against [`by_definition`]: the CPU kernels and the composite (CUDA's).
     fn compare(
         b: usize,
@@ -275,7 +313,7 @@ mod tests {
         p: usize,
         s: usize,
     ) -> Result<()> {
-        compare_with(conv2d, (b, ci, co, hw, k, p, s))?;
+        compare_with(unbiased, (b, ci, co, hw, k, p, s))?;
         compare_with(composite, (b, ci, co, hw, k, p, s))
     }
 
@@ -336,15 +374,79 @@ mod tests {
         compare(1, 2, 2, (2, 3), 5, 2, 2)
     }
 
+    /// A bias shared by the images ([C_out]) and one per image ([B, C_out]), inside the CPU
+    /// convolution: the output is the convolution plus the bias, the bias's gradient the sum of
+    /// the output gradient over the pixels (and the images, when shared), and the other
+    /// gradients those without a bias.
+    #[test]
+    fn a_bias_inside_the_convolution_equals_its_definition() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, ci, co, hw, k, p, s) in [
+            (2, 3, 5, 8, 3, 1, 1),
+            (3, 2, 4, 9, 3, 1, 2),
+            (2, 4, 3, 6, 1, 0, 1),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, ci, hw, hw), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev)?)?;
+            for shape in [vec![co], vec![b, co]] {
+                let bias = Var::from_tensor(&Tensor::randn(0f32, 1., shape.as_slice(), &dev)?)?;
+                let y = conv2d(&x, &w, Some(&bias), p, s)?;
+                let r = Tensor::randn(0f32, 1., y.shape(), &dev)?;
+                let grads = (&y * &r)?.sum_all()?.backward()?;
+                let (ey, egx, egw) = by_definition(&x, &w, &r, p, s)?;
+                let per_image = bias.broadcast_as((b, co))?.unsqueeze(2)?.unsqueeze(3)?;
+                let ey = Tensor::from_vec(ey, y.shape(), &dev)?.broadcast_add(&per_image)?;
+                let pixel_sums = r.sum((2, 3))?;
+                let egb = if shape.len() == 1 {
+                    pixel_sums.sum(0)?
+                } else {
+                    pixel_sums
+                };
+                let pairs = [
+                    ("output", y.flatten_all()?, ey.flatten_all()?),
+                    (
+                        "input gradient",
+                        grads.get(&x).unwrap().flatten_all()?,
+                        Tensor::new(egx, &dev)?,
+                    ),
+                    (
+                        "kernel gradient",
+                        grads.get(&w).unwrap().flatten_all()?,
+                        Tensor::new(egw, &dev)?,
+                    ),
+                    (
+                        "bias gradient",
+                        grads.get(&bias).unwrap().flatten_all()?,
+                        egb.flatten_all()?,
+                    ),
+                ];
+                for (what, ours, expected) in pairs {
+                    let d = (&ours - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let m = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(
+                        d <= 1e-4 * m.max(1.0),
+                        "{what}: {d} for bias {shape:?}, k{k} s{s}"
+                    );
+                }
+            }
+        }
+        // Elsewhere (the composite, CUDA's) a bias per image is refused by name.
+        let x = Tensor::ones((2, 1, 4, 4), DType::F16, &dev)?;
+        let w = Tensor::ones((3, 1, 3, 3), DType::F16, &dev)?;
+        let err = conv2d(&x, &w, Some(&Tensor::ones((2, 3), DType::F16, &dev)?), 1, 1);
+        assert!(err.unwrap_err().to_string().contains("one per image"));
+        Ok(())
+    }
+
     #[test]
     fn blocks_of_rows_cover_large_images() -> Result<()> {
         // 1 × 3·3·64 × 1,000 columns: more patch elements than a block holds, so several blocks of
         // rows (the last one shorter), each gathered, multiplied and scattered back.
-        compare_with(conv2d, (2, 64, 3, (1000, 10), 3, 1, 1))?;
+        compare_with(unbiased, (2, 64, 3, (1000, 10), 3, 1, 1))?;
         // The same with stride 2 (3 blocks), and a 1×1 convolution that reads its input as the
         // patch matrix (2 blocks).
-        compare_with(conv2d, (1, 64, 3, (1000, 10), 3, 1, 2))?;
-        compare_with(conv2d, (1, 64, 3, (1000, 10), 1, 0, 1))
+        compare_with(unbiased, (1, 64, 3, (1000, 10), 3, 1, 2))?;
+        compare_with(unbiased, (1, 64, 3, (1000, 10), 1, 0, 1))
     }
 
     #[test]
@@ -352,7 +454,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1., (2, 3, 7, 6), &dev)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 3, 3, 3), &dev)?)?;
-        let y = conv2d(&x, &w, 1, 1)?;
+        let y = conv2d(&x, &w, None, 1, 1)?;
         let r = Tensor::randn(0f32, 1., y.shape(), &dev)?;
         let grads = (&y * &r)?.sum_all()?.backward()?;
         let (_, _, egw) = by_definition(&x, &w, &r, 1, 1)?;
@@ -371,7 +473,7 @@ mod tests {
     fn inference_records_no_backward() {
         let x = Tensor::ones((1, 1, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let y = conv2d(&x, &w, 1, 1).unwrap();
+        let y = conv2d(&x, &w, None, 1, 1).unwrap();
         assert!(!y.track_op());
         assert_eq!(
             y.get(0)

@@ -7,9 +7,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Init, VarBuilder};
 
 use super::affine::add_bias;
-use super::conv::conv2d as conv2d_op;
+use super::conv;
 use super::kernels::bias::{add_bias_residual, add_bias_residual_from_tokens};
-use super::kernels::norm;
+use super::kernels::{linear_cpu, norm, on_cpu_f32};
 
 /// A 2-D convolution; the weight and the bias are cast to the input's dtype.
 #[derive(Debug, Clone)]
@@ -80,21 +80,40 @@ pub fn conv2d_init(
 }
 
 impl Conv2d {
-    /// The convolution without its bias: [B, C_in, H, W] → [B, C_out, H', W'].
-    fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
+    /// The convolution plus `bias` ([C_out], or [B, C_out] where [`conv::fuses_bias`]):
+    /// [B, C_in, H, W] → [B, C_out, H', W'].
+    fn convolve(&self, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let c = &self.config;
         if c.dilation != 1 || c.groups != 1 {
             candle_core::bail!("Conv2d supports dilation 1 and one group, not {c:?}");
         }
-        conv2d_op(xs, &self.weight.to_dtype(xs.dtype())?, c.padding, c.stride)
+        let bias = bias.map(|b| b.to_dtype(xs.dtype())).transpose()?;
+        let w = self.weight.to_dtype(xs.dtype())?;
+        conv::conv2d(xs, &w, bias.as_ref(), c.padding, c.stride)
     }
 
     /// `forward(xs) + residual` ([B, C_out, H', W']), the bias and the residual added in one op.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let y = self.convolve(xs)?;
+        let y = self.convolve(xs, None)?;
         match &self.bias {
             Some(b) => add_bias_residual(&y, b, 1, residual),
             None => y + residual,
+        }
+    }
+
+    /// `forward(xs)` plus `shift` [B, C_out], one value per image and channel (a ResBlock's time
+    /// embedding) → [B, C_out, H', W']. On the CPU in F32 the shift joins the bias inside the
+    /// convolution; elsewhere it is added after it.
+    pub fn forward_shifted(&self, xs: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) if conv::fuses_bias(xs, &self.weight) => {
+                self.convolve(xs, Some(&shift.broadcast_add(&b.unsqueeze(0)?)?))
+            }
+            _ => {
+                let (n, c) = shift.dims2()?;
+                self.forward(xs)?
+                    .broadcast_add(&shift.to_dtype(xs.dtype())?.reshape((n, c, 1, 1))?)
+            }
         }
     }
 }
@@ -102,11 +121,7 @@ impl Conv2d {
 impl Module for Conv2d {
     /// [B, C_in, H, W] → [B, C_out, H', W'] in the input's dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let y = self.convolve(xs)?;
-        match &self.bias {
-            Some(b) => add_bias(&y, b, 1),
-            None => Ok(y),
-        }
+        self.convolve(xs, self.bias.as_ref())
     }
 }
 
@@ -147,24 +162,34 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 }
 
 impl Linear {
-    /// The product without the bias: [..., in] → [..., out].
-    fn multiply(&self, xs: &Tensor) -> Result<Tensor> {
+    /// The product plus `bias` [out]: [..., in] → [..., out]. On the CPU in F32 one op with the
+    /// bias inside ([`linear_cpu`]); elsewhere candle's matmul and [`add_bias`].
+    fn apply(&self, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let w = self.weight.to_dtype(xs.dtype())?;
+        let bias = bias.map(|b| b.to_dtype(xs.dtype())).transpose()?;
+        if on_cpu_f32(&[xs, &w]) {
+            return linear_cpu::linear(xs, &w, bias.as_ref());
+        }
         let dims = xs.dims();
         let (rows, k) = (xs.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
         let mut out_shape = dims.to_vec();
         *out_shape.last_mut().expect("rank ≥ 1") = w.dim(0)?;
         // One 2-D matmul: a broadcast batched matmul is much slower on CPU and CUDA.
-        xs.contiguous()?
+        let y = xs
+            .contiguous()?
             .reshape((rows, k))?
             .matmul(&w.t()?)?
-            .reshape(out_shape)
+            .reshape(out_shape)?;
+        match bias {
+            Some(b) => add_bias(&y, &b, y.rank() - 1),
+            None => Ok(y),
+        }
     }
 
     /// `forward(xs)` plus `residual`, the bias and the residual added in one op: [..., out], or
     /// for [`Residual::Map`] the feature map [B, C, H, W] of token outputs [B, H·W, C].
     pub fn forward_add(&self, xs: &Tensor, residual: Residual) -> Result<Tensor> {
-        let y = self.multiply(xs)?;
+        let y = self.apply(xs, None)?;
         match (&self.bias, residual) {
             (Some(b), Residual::Same(r)) => add_bias_residual(&y, b, y.rank() - 1, r),
             (Some(b), Residual::Map(r)) => add_bias_residual_from_tokens(&y, b, r),
@@ -186,11 +211,7 @@ pub enum Residual<'a> {
 impl Module for Linear {
     /// [..., in] → [..., out] in the input's dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let y = self.multiply(xs)?;
-        match &self.bias {
-            Some(b) => add_bias(&y, b, y.rank() - 1),
-            None => Ok(y),
-        }
+        self.apply(xs, self.bias.as_ref())
     }
 }
 

@@ -75,16 +75,13 @@ impl ResBlock {
     /// embedding after its SiLU (taken once for all blocks by the caller)
     /// → [B, C_out, H', W'] with H' = H/2 when `down`, else H.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => {
-                let t = proj.forward(t)?.unsqueeze(2)?.unsqueeze(3)?;
-                h = h.broadcast_add(&t)?;
-            }
-            (None, None) => {}
+        let a = self.norm1.forward_silu(xs)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => self.conv1.forward_shifted(&a, &proj.forward(t)?)?,
+            (None, None) => self.conv1.forward(&a)?,
             (Some(_), None) => candle_core::bail!("ResBlock: time embedding expected"),
             (None, Some(_)) => candle_core::bail!("ResBlock: built without a time projection"),
-        }
+        };
         let mut skip = if self.down {
             xs.avg_pool2d(2)?
         } else {

@@ -16,12 +16,17 @@
 //!
 //! with K = C_in·k·k ordered as the kernel's own [C_in, k, k], and P the block's pixels. A 1×1
 //! convolution without stride or padding reads the input itself as its patch matrix.
+//!
+//! A bias (one per output channel, or one per image and output channel: a ResBlock's time
+//! embedding folded into it) is where the output starts and the products accumulate onto it, so
+//! that it costs no pass of its own; its gradient is the sum of each output-gradient row.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape};
+use candle_core::{bail, Result, Shape};
 use rayon::prelude::*;
 
-use super::{vectorized, Strided};
+use super::weighted::{Gradients, Operand, Weighted};
+use super::{matmul_par, vectorized};
+use crate::model::affine::sum_outer;
 
 /// Patch-matrix elements per block: 2 MiB of F32, which a last-level cache holds.
 const BLOCK_ELEMS: usize = 1 << 19;
@@ -93,13 +98,6 @@ impl Geometry {
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
 /// The patch matrix [K, rows·ow] of output rows `r0..r0 + rows` of one image `x` [C_in, H, W].
 fn gather(g: &Geometry, x: &[f32], (r0, rows): (usize, usize), cols: &mut [f32]) {
     let (kk, p) = (g.k * g.k, rows * g.ow);
@@ -164,26 +162,43 @@ fn scatter_add(g: &Geometry, cols: &[f32], (r0, rows): (usize, usize), gx: &mut 
         });
 }
 
-/// [`super::matmul`] with gemm's threads (rayon's) and no scale.
-///
-/// # Safety
-/// As [`super::matmul`]'s.
-unsafe fn matmul_par(
-    dims: (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    acc: bool,
-    lhs: Strided,
-    rhs: Strided,
-) {
-    // SAFETY: the caller's contract, forwarded.
-    unsafe { super::matmul(dims, (dst, dst_rs), acc, (lhs, rhs), 1.0, parallelism()) }
+/// A per-channel bias of a convolution's output: `C_out` values shared by every image, or
+/// `B · C_out` (image-major), one row per image.
+#[derive(Clone, Copy)]
+pub(crate) struct Bias<'a>(pub &'a [f32]);
+
+impl Bias<'_> {
+    /// Whether it fits `g`'s output: C_out or B · C_out values.
+    fn fits(&self, g: &Geometry) -> bool {
+        self.0.len() == g.c_out || self.0.len() == g.b * g.c_out
+    }
+
+    /// Image `bi`'s C_out values.
+    fn of_image(&self, bi: usize, c_out: usize) -> &[f32] {
+        if self.0.len() == c_out {
+            self.0
+        } else {
+            &self.0[bi * c_out..][..c_out]
+        }
+    }
 }
 
-/// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] → [B, C_out, H', W'].
-pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
+/// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] (+ `bias`) → [B, C_out, H', W'].
+pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], bias: Option<Bias>) -> Vec<f32> {
     let (kl, in_hw, out_hw) = (g.patch_len(), g.h * g.w, g.oh * g.ow);
-    let mut y = vec![0f32; g.b * g.c_out * out_hw];
+    let mut y = match bias {
+        // Each output row starts at its bias: the products add onto it.
+        Some(bias) => {
+            let mut y = Vec::with_capacity(g.b * g.c_out * out_hw);
+            for bi in 0..g.b {
+                for &v in bias.of_image(bi, g.c_out) {
+                    y.extend(std::iter::repeat_n(v, out_hw));
+                }
+            }
+            y
+        }
+        None => vec![0f32; g.b * g.c_out * out_hw],
+    };
     let mut cols = Vec::new();
     for bi in 0..g.b {
         let xb = &x[bi * g.c_in * in_hw..][..g.c_in * in_hw];
@@ -205,7 +220,7 @@ pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
                     (g.c_out, p, kl),
                     dst,
                     out_hw,
-                    false,
+                    bias.is_some(),
                     (w.as_ptr(), kl, 1),
                     rhs,
                 )
@@ -213,6 +228,17 @@ pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32]) -> Vec<f32> {
         }
     }
     y
+}
+
+/// The gradient of Σ y·`gy` with respect to a bias of `len` values (C_out, or B · C_out): the
+/// sum of each output-gradient row [H'·W'], and for a shared bias over the images in order.
+fn bias_gradient(g: &Geometry, gy: &[f32], len: usize) -> Vec<f32> {
+    let out_hw = g.oh * g.ow;
+    if len == g.c_out {
+        sum_outer(gy, (g.b, g.c_out, out_hw))
+    } else {
+        sum_outer(gy, (1, g.b * g.c_out, out_hw))
+    }
 }
 
 /// The gradients of Σ y·`gy` with respect to `x` (None unless `want_x`) and `w`,
@@ -270,78 +296,53 @@ pub(crate) fn backward(
     (gx, gw)
 }
 
-/// The contiguous F32 elements of a CPU storage, or an error naming `what`.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("conv2d (CPU): {what} must be F32, not {:?}", s.dtype())
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("conv2d (CPU): {what} must be contiguous"),
-    }
-}
-
-/// The convolution as a custom op on (x, w) [`forward`]; its backward pass is [`backward`].
+/// The convolution's arithmetic for [`CpuOp`]: [`forward`], [`backward`] and
+/// [`bias_gradient`].
 pub(crate) struct Conv2dCpu {
     pub pad: usize,
     pub stride: usize,
 }
 
-impl CustomOp2 for Conv2dCpu {
-    fn name(&self) -> &'static str {
-        "conv2d-cpu"
-    }
+impl Weighted for Conv2dCpu {
+    const NAMES: [&'static str; 2] = ["conv2d-cpu", "conv2d-bias-cpu"];
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(xl.shape(), wl.shape(), self.pad, self.stride)?;
-        let y = forward(
-            &g,
-            f32_slice(xs, xl, "input")?,
-            f32_slice(ws, wl, "kernel")?,
-        );
-        Ok((CpuStorage::F32(y), Shape::from((g.b, g.c_out, g.oh, g.ow))))
-    }
-
-    fn bwd(
-        &self,
-        x: &candle_core::Tensor,
-        w: &candle_core::Tensor,
-        _: &candle_core::Tensor,
-        grad: &candle_core::Tensor,
-    ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
-        let g = Geometry::new(x.shape(), w.shape(), self.pad, self.stride)?;
-        let want_x = x.track_op();
-        let (x, w, grad) = (x.detach(), w.detach(), grad.detach().contiguous()?);
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(xs),
-            candle_core::Storage::Cpu(ws),
-            candle_core::Storage::Cpu(gs),
-        ) = (&*xs, &*ws, &*gs)
-        else {
-            bail!("conv2d (CPU): a gradient on another device")
+        (x, xs): Operand,
+        (w, ws): Operand,
+        bias: Option<Operand>,
+    ) -> Result<(Vec<f32>, Shape)> {
+        let g = Geometry::new(xs, ws, self.pad, self.stride)?;
+        let bias = match bias {
+            Some((b, bs)) => {
+                let b = Bias(b);
+                if !b.fits(&g) {
+                    bail!(
+                        "conv2d (CPU): a bias of shape {bs:?} for {} images of {} channels",
+                        g.b,
+                        g.c_out
+                    );
+                }
+                Some(b)
+            }
+            None => None,
         };
-        let (gx, gw) = backward(
-            &g,
-            f32_slice(xs, xl, "input")?,
-            f32_slice(ws, wl, "kernel")?,
-            f32_slice(gs, gl, "output gradient")?,
-            // The U-Net's and the VAE's first convolutions read data, which needs no gradient.
-            want_x,
-        );
-        let dev = x.device();
-        Ok((
-            gx.map(|gx| candle_core::Tensor::from_vec(gx, x.shape(), dev))
-                .transpose()?,
-            Some(candle_core::Tensor::from_vec(gw, w.shape(), dev)?),
-        ))
+        let y = forward(&g, x, w, bias);
+        Ok((y, Shape::from((g.b, g.c_out, g.oh, g.ow))))
+    }
+
+    fn backward(
+        &self,
+        (x, xs): Operand,
+        (w, ws): Operand,
+        bias: Option<&Shape>,
+        gy: &[f32],
+        want_x: bool,
+    ) -> Result<Gradients> {
+        let g = Geometry::new(xs, ws, self.pad, self.stride)?;
+        // The U-Net's and the VAE's first convolutions read data, which needs no gradient.
+        let (gx, gw) = backward(&g, x, w, gy, want_x);
+        let gb = bias.map(|b| bias_gradient(&g, gy, b.elem_count()));
+        Ok((gx, gw, gb))
     }
 }

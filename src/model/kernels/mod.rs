@@ -5,17 +5,20 @@
 //! Each op replaces several candle ops, each of which is a kernel launch on CUDA and a pass over
 //! memory on the CPU (`cxrgen bench` counts them, see [`crate::opcount`]).
 //!
-//! One exception, CPU only: `conv_cpu`, the convolution and its gradients as blocked matrix
-//! products in F32 (on CUDA, candle's convolution runs through cuBLAS already).
+//! Two exceptions, CPU only: `conv_cpu`, the convolution and its gradients as blocked matrix
+//! products in F32 (on CUDA, candle's convolution runs through cuBLAS already), and
+//! `linear_cpu`, a linear layer as one op; both add their bias inside the product.
 
 pub mod attention;
 pub mod bias;
 pub mod conv_cpu;
 pub mod device_check;
 pub mod geglu;
+pub(crate) mod linear_cpu;
 pub mod norm;
 #[cfg(test)]
 pub(crate) mod testing;
+pub(crate) mod weighted;
 
 use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
@@ -193,6 +196,38 @@ pub(crate) unsafe fn matmul(
             threads,
         )
     }
+}
+
+/// gemm's threads: rayon's pool, or none inside a rayon task of one thread.
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// [`matmul`] with gemm's threads (rayon's) and no scale: `dst` [m, n] with row stride `dst_rs`.
+///
+/// # Safety
+/// As [`matmul`]'s.
+pub(crate) unsafe fn matmul_par(
+    dims: (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    acc: bool,
+    lhs: Strided,
+    rhs: Strided,
+) {
+    // SAFETY: the caller's contract, forwarded.
+    unsafe { matmul(dims, (dst, dst_rs), acc, (lhs, rhs), 1.0, parallelism()) }
+}
+
+/// Whether every tensor is on the CPU in F32: where the CPU-only kernels (the convolution and
+/// the linear layer as blocked products, their biases inside) run.
+pub(crate) fn on_cpu_f32(tensors: &[&candle_core::Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// e^x to about one unit in the last place (Cephes' `expf`: x = n·ln 2 + r, a degree-6
