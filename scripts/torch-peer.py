@@ -16,9 +16,10 @@ JSON saved in a file, --info) and must have exactly cxrgen's parameter counts:
 
 Rows (--rows, in the order given; each over the precisions and batch sizes asked for):
 - sample: one guided DDIM step (one U-Net forward on 2B latents and a 24-token context, guidance
-  and the DDIM update), timed step by step; the VAE decode one image at a time; DDIM-`steps` per
-  image; peak memory of the steps and the decode. Sampling computes in the precision's weights
-  (F16 weights for f16), as cxrgen's sampler does.
+  and the DDIM update), timed step by step; the VAE decode one image at a time (the median of
+  --repeats decodes, as cxrgen bench's); DDIM-`steps` per image; peak memory of the steps and
+  the decode. Sampling computes in the precision's weights (F16 weights for f16), as cxrgen's
+  sampler does.
 - sample-compiled: the same with the U-Net under torch.compile(mode="reduce-overhead") (CUDA
   graphs on CUDA); compile_s is the compilation and warm-up time.
 - train: optimizer steps of the diffusion stage at the config's batch and accumulation: a frozen
@@ -454,7 +455,7 @@ class Peer:
                 warm_s = time.monotonic() - t0
                 reset_peak(dev)
                 step_ms, n = median_ms(self.clock, step, a.repeats, self.budget)
-                decode_ms, _ = median_ms(self.clock, decode, max(1, a.repeats // 5), self.budget)
+                decode_ms, _ = median_ms(self.clock, decode, a.repeats, self.budget)
                 peak = peak_mib(dev)
             per_image = a.steps * step_ms / b + decode_ms / b
             row = {"variant": "compiled" if compiled else "eager", "precision": precision,

@@ -109,7 +109,8 @@ struct BenchArgs {
     /// Sampling steps the per-image figure is for.
     #[arg(long, default_value_t = 50)]
     steps: usize,
-    /// Denoising steps timed per batch size, and optimizer steps timed with --train and --train-vae.
+    /// Denoising steps and decodes timed per batch size (the decode's figure is their median),
+    /// and optimizer steps timed with --train and --train-vae.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Also time optimizer steps of train-diffusion (the config's batch, accumulation,

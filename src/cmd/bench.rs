@@ -324,7 +324,12 @@ fn sampling_rows(
                 &mut |_| {},
             )
         })?;
-        let (_, decode) = time(device, || diffusion.decode(&nets, &latents))?;
+        // The median of `repeats` decodes (one decode is a single sample of a noisy machine).
+        let mut decodes = (0..req.repeats)
+            .map(|_| Ok(time(device, || diffusion.decode(&nets, &latents))?.1))
+            .collect::<Result<Vec<f64>>>()?;
+        decodes.sort_by(f64::total_cmp);
+        let decode = decodes[decodes.len() / 2];
         let step = denoise / req.repeats as f64;
         let decode = decode / b as f64;
         let per_image = (req.steps as f64 * step) / b as f64 + decode;
