@@ -6,9 +6,9 @@
 //!
 //! The backward pass keeps only the op's inputs and recomputes each row's statistics: dx =
 //! r · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂)) per row, with x̂ the standardised x, r = 1/√(var + eps)
-//! and ĝ the gradient reaching x̂; the parameter gradients are summed in F32, per row and then
-//! over the batch. One op (on CUDA two kernels: the rows, then the parameter sums) where tensor
-//! ops took about thirty.
+//! and ĝ the gradient reaching x̂; the parameter gradients are summed in F32, per row (for
+//! LayerNorm's short rows: per task of rows) and then over the batch in F64. One op (on CUDA two
+//! kernels: the rows, then the parameter sums) where tensor ops took about thirty.
 //!
 //! Layout: x is viewed as [rows, n], n = channels_per_group · inner, and element j of row r
 //! belongs to channel (r mod groups) · channels_per_group + ⌊j / inner⌋. GroupNorm of
@@ -167,6 +167,15 @@ fn row_stats<T: Float>(x: &[T], eps: f32) -> (f32, f32) {
     (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
 }
 
+/// [`row_stats`] of each row of `n` elements of `x`, computed before the rows are used: the
+/// rows' statistics are then independent of each other and their divisions and square roots
+/// overlap (interleaved with each row's pass they were a chain of latencies, the most of a
+/// LayerNorm's short rows).
+#[inline(always)]
+fn task_stats<T: Float>(x: &[T], n: usize, eps: f32) -> Vec<(f32, f32)> {
+    x.chunks(n).map(|row| row_stats(row, eps)).collect()
+}
+
 /// Σ f(x) in f64 over four interleaved partial sums: independent additions the compiler can
 /// vectorise (one running sum waits on every addition before it).
 #[inline(always)]
@@ -192,46 +201,12 @@ fn silu(v: f32) -> f32 {
     v / (1.0 + fast_exp(-v))
 }
 
-fn forward_cpu<T: Float>(
-    (x, w, b): (&[T], &[T], &[T]),
-    g: Geometry,
-    eps: f32,
-    act: bool,
-) -> Vec<T> {
-    let n = g.n();
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .with_min_len(rows_per_task(n))
-        .enumerate()
-        .for_each(|(row, (y, x))| {
-            vectorized!(|| {
-                let (mean, rstd) = row_stats(x, eps);
-                let c0 = (row % g.groups) * g.channels_per_group;
-                let (w, b) = (
-                    &w[c0..c0 + g.channels_per_group],
-                    &b[c0..c0 + g.channels_per_group],
-                );
-                let out = |v: f32, scale: f32, shift: f32| {
-                    let v = (v - mean) * scale + shift;
-                    T::from_f32(if act { silu(v) } else { v })
-                };
-                if g.inner == 1 {
-                    for (((o, v), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                        *o = out(v.to_f32(), w.to_f32() * rstd, b.to_f32());
-                    }
-                } else {
-                    for (((ys, xs), w), b) in
-                        y.chunks_mut(g.inner).zip(x.chunks(g.inner)).zip(w).zip(b)
-                    {
-                        let (scale, shift) = (w.to_f32() * rstd, b.to_f32());
-                        for (o, v) in ys.iter_mut().zip(xs) {
-                            *o = out(v.to_f32(), scale, shift);
-                        }
-                    }
-                }
-            })
-        });
+fn forward_cpu<T: Float>(inputs: (&[T], &[T], &[T]), g: Geometry, eps: f32, act: bool) -> Vec<T> {
+    let y = if act {
+        forward_rows::<T, true>(inputs, g, eps)
+    } else {
+        forward_rows::<T, false>(inputs, g, eps)
+    };
     if !g.tokens {
         return y;
     }
@@ -249,6 +224,56 @@ fn forward_cpu<T: Float>(
             }
         });
     tokens
+}
+
+/// The norm of every row (then SiLU when `ACT`), in x's layout. `ACT` is a constant so that the
+/// vectorised loops compute the SiLU only where it is asked for: with a flag tested inside, the
+/// compiler computed it for every element and blended.
+fn forward_rows<T: Float, const ACT: bool>(
+    (x, w, b): (&[T], &[T], &[T]),
+    g: Geometry,
+    eps: f32,
+) -> Vec<T> {
+    let n = g.n();
+    let mut y = vec![T::zero(); x.len()];
+    // A task's rows in one call: LayerNorm's rows are a few dozen elements each.
+    let per_task = rows_per_task(n);
+    y.par_chunks_mut(per_task * n)
+        .zip(x.par_chunks(per_task * n))
+        .enumerate()
+        .for_each(|(task, (y, x))| {
+            vectorized!(|| {
+                let stats = task_stats(x, n, eps);
+                for (i, (y, x)) in y.chunks_mut(n).zip(x.chunks(n)).enumerate() {
+                    let row = task * per_task + i;
+                    let (mean, rstd) = stats[i];
+                    let c0 = (row % g.groups) * g.channels_per_group;
+                    let (w, b) = (
+                        &w[c0..c0 + g.channels_per_group],
+                        &b[c0..c0 + g.channels_per_group],
+                    );
+                    let out = |v: f32, scale: f32, shift: f32| {
+                        let v = (v - mean) * scale + shift;
+                        T::from_f32(if ACT { silu(v) } else { v })
+                    };
+                    if g.inner == 1 {
+                        for (((o, v), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                            *o = out(v.to_f32(), w.to_f32() * rstd, b.to_f32());
+                        }
+                    } else {
+                        for (((ys, xs), w), b) in
+                            y.chunks_mut(g.inner).zip(x.chunks(g.inner)).zip(w).zip(b)
+                        {
+                            let (scale, shift) = (w.to_f32() * rstd, b.to_f32());
+                            for (o, v) in ys.iter_mut().zip(xs) {
+                                *o = out(v.to_f32(), scale, shift);
+                            }
+                        }
+                    }
+                }
+            })
+        });
+    y
 }
 
 impl CustomOp3 for Norm {
@@ -369,9 +394,14 @@ struct NormBackward {
 /// x̂ and the gradient reaching the pre-activation z = x̂ · w + b (through the SiLU when `silu`:
 /// silu'(z) = s · (1 + z · (1 − s)), s = sigmoid(z)).
 #[inline(always)]
-fn grad_at(x: f32, g: f32, (w, b): (f32, f32), (mean, rstd): (f32, f32), silu: bool) -> (f32, f32) {
+fn grad_at<const SILU: bool>(
+    x: f32,
+    g: f32,
+    (w, b): (f32, f32),
+    (mean, rstd): (f32, f32),
+) -> (f32, f32) {
     let x_hat = (x - mean) * rstd;
-    if !silu {
+    if !SILU {
         return (x_hat, g);
     }
     let z = x_hat * w + b;
@@ -380,11 +410,27 @@ fn grad_at(x: f32, g: f32, (w, b): (f32, f32), (mean, rstd): (f32, f32), silu: b
 }
 
 fn backward_cpu<T: Float>(
+    inputs: (&[T], &[T]),
+    params: (&[T], &[T]),
+    geometry: Geometry,
+    eps: f32,
+    silu: bool,
+) -> Vec<T> {
+    // SiLU or not as a constant, as in the forward pass ([`forward_rows`]).
+    match (geometry.inner == 1 && !geometry.tokens, silu) {
+        (true, true) => backward_per_element::<T, true>(inputs, params, geometry, eps),
+        (true, false) => backward_per_element::<T, false>(inputs, params, geometry, eps),
+        (false, true) => backward_rows::<T, true>(inputs, params, geometry, eps),
+        (false, false) => backward_rows::<T, false>(inputs, params, geometry, eps),
+    }
+}
+
+/// [`backward_cpu`] of rows whose channels are runs of `inner` elements (GroupNorm).
+fn backward_rows<T: Float, const SILU: bool>(
     (x, g): (&[T], &[T]),
     (w, b): (&[T], &[T]),
     geometry: Geometry,
     eps: f32,
-    silu: bool,
 ) -> Vec<T> {
     let (n, cpg, inner) = (geometry.n(), geometry.channels_per_group, geometry.inner);
     // Each row's share of the parameter gradients: [rows, channels per group, 2] = (Σ g_z · x̂,
@@ -422,7 +468,7 @@ fn backward_cpu<T: Float>(
                         let run = k * inner..(k + 1) * inner;
                         let (gs, xh) = (&mut g_z[run.clone()], &mut x_hat[run.clone()]);
                         for ((g, xh), xv) in gs.iter_mut().zip(xh.iter_mut()).zip(&x[run]) {
-                            (*xh, *g) = grad_at(xv.to_f32(), *g, (wc, bc), stats, silu);
+                            (*xh, *g) = grad_at::<SILU>(xv.to_f32(), *g, (wc, bc), stats);
                         }
                         // LayerNorm's channels are one element each.
                         let (s_w, s_b) = match (&gs[..], &xh[..]) {
@@ -456,6 +502,72 @@ fn backward_cpu<T: Float>(
             .sum();
         *out = T::from_f32(sum as f32);
     });
+    out
+}
+
+/// [`backward_cpu`] where each element of a row is a channel of its own (`inner` = 1:
+/// LayerNorm, and GroupNorm of [B, C]): the rows of a task in one call, each row's sums in
+/// eight F32 lanes, and the parameter gradients accumulated across the channels over a task's
+/// rows, then over the tasks in order in F64. (Per element, the general loop's per-channel
+/// bookkeeping and F64 sums cost ten times the arithmetic.)
+fn backward_per_element<T: Float, const SILU: bool>(
+    (x, g): (&[T], &[T]),
+    (w, b): (&[T], &[T]),
+    geometry: Geometry,
+    eps: f32,
+) -> Vec<T> {
+    let (n, channels) = (geometry.n(), geometry.channels());
+    let per_task = rows_per_task(n);
+    let mut out = vec![T::zero(); x.len() + 2 * channels];
+    let (dx, params) = out.split_at_mut(x.len());
+    // Per task: [Σ g_z · x̂ | Σ g_z], a value per channel each.
+    let shares: Vec<Vec<f32>> = dx
+        .par_chunks_mut(per_task * n)
+        .zip(x.par_chunks(per_task * n).zip(g.par_chunks(per_task * n)))
+        .enumerate()
+        .map(|(task, (dx, (x, g)))| {
+            vectorized!(|| {
+                let mut share = vec![0f32; 2 * channels];
+                // A row's g_z, x̂ and g_z · w.
+                let mut scratch = vec![0f32; 3 * n];
+                let task_stats = task_stats(x, n, eps);
+                let rows = dx.chunks_mut(n).zip(x.chunks(n).zip(g.chunks(n)));
+                for (i, (dx, (x, g))) in rows.enumerate() {
+                    let row = task * per_task + i;
+                    let c0 = (row % geometry.groups) * n;
+                    let (w, b) = (&w[c0..c0 + n], &b[c0..c0 + n]);
+                    let stats = task_stats[i];
+                    let (g_z, rest) = scratch.split_at_mut(n);
+                    let (x_hat, g_w) = rest.split_at_mut(n);
+                    let elements = g_z.iter_mut().zip(x_hat.iter_mut()).zip(g_w.iter_mut());
+                    for ((((gz, xh), gw), (xv, gv)), (wv, bv)) in
+                        elements.zip(x.iter().zip(g)).zip(w.iter().zip(b))
+                    {
+                        let wc = wv.to_f32();
+                        let p = (wc, bv.to_f32());
+                        (*xh, *gz) = grad_at::<SILU>(xv.to_f32(), gv.to_f32(), p, stats);
+                        *gw = *gz * wc;
+                    }
+                    let mean_gw = sum_lanes(g_w) / n as f32;
+                    let mean_gw_xh = dot_lanes(g_w, x_hat) / n as f32;
+                    for ((dx, gw), xh) in dx.iter_mut().zip(&*g_w).zip(&*x_hat) {
+                        *dx = T::from_f32(stats.1 * (gw - mean_gw - xh * mean_gw_xh));
+                    }
+                    let (s_w, s_b) = share.split_at_mut(channels);
+                    let sums = s_w[c0..c0 + n].iter_mut().zip(&mut s_b[c0..c0 + n]);
+                    for ((sw, sb), (gz, xh)) in sums.zip(g_z.iter().zip(&*x_hat)) {
+                        *sw += gz * xh;
+                        *sb += gz;
+                    }
+                }
+                share
+            })
+        })
+        .collect();
+    for (i, p) in params.iter_mut().enumerate() {
+        let sum: f64 = shares.iter().map(|s| s[i] as f64).sum();
+        *p = T::from_f32(sum as f32);
+    }
     out
 }
 
@@ -666,6 +778,8 @@ mod tests {
             (vec![2, 6, 5, 3], 2),
             (vec![3, 6, 1, 1], 2),
             (vec![2, 9, 7], 3),
+            // One element per channel, 1,400 rows of 3: two tasks of rows (rows_per_task).
+            (vec![700, 6], 2),
         ] {
             let c = dims[1];
             let case = inputs(&dims, c, 9)?;
@@ -710,7 +824,13 @@ mod tests {
 
     #[test]
     fn layer_norm_equals_the_composite_ops() -> Result<()> {
-        for dims in [vec![2, 5, 7], vec![3, 33], vec![1, 1, 130]] {
+        // [2, 300, 40]: 600 rows of 40, six tasks of rows.
+        for dims in [
+            vec![2, 5, 7],
+            vec![3, 33],
+            vec![1, 1, 130],
+            vec![2, 300, 40],
+        ] {
             let d = *dims.last().unwrap();
             check(
                 &|t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
