@@ -49,7 +49,7 @@ pub struct Request {
     pub batch_sizes: Vec<usize>,
     /// The sampling steps the per-image figure assumes.
     pub steps: usize,
-    /// Denoising steps timed per batch size.
+    /// Denoising steps and decodes timed per batch size (the decode's figure is their median).
     pub repeats: usize,
     /// Also time training steps of the diffusion stage.
     pub train: bool,
@@ -274,7 +274,8 @@ fn kernel_rows(device: &Device, precision: Precision) -> Result<Vec<serde_json::
     Ok(rows)
 }
 
-/// Per batch size: the time of `repeats` denoising steps, and of decoding their latents.
+/// Per batch size: the time of `repeats` denoising steps, and the median of `repeats` decodes of
+/// their latents.
 fn sampling_rows(
     req: &Request,
     cfg: &Config,
@@ -329,7 +330,13 @@ fn sampling_rows(
             .map(|_| Ok(time(device, || diffusion.decode(&nets, &latents))?.1))
             .collect::<Result<Vec<f64>>>()?;
         decodes.sort_by(f64::total_cmp);
-        let decode = decodes[decodes.len() / 2];
+        let mid = decodes.len() / 2;
+        // As Python's statistics.median (torch-peer.py's): an even count takes the middle two.
+        let decode = if decodes.len() % 2 == 1 {
+            decodes[mid]
+        } else {
+            (decodes[mid - 1] + decodes[mid]) / 2.0
+        };
         let step = denoise / req.repeats as f64;
         let decode = decode / b as f64;
         let per_image = (req.steps as f64 * step) / b as f64 + decode;

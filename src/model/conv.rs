@@ -385,6 +385,8 @@ mod tests {
             (2, 3, 5, 8, 3, 1, 1),
             (3, 2, 4, 9, 3, 1, 2),
             (2, 4, 3, 6, 1, 0, 1),
+            // One image: a per-image bias [1, C_out] has a shared one's length.
+            (1, 2, 3, 6, 3, 1, 1),
         ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, ci, hw, hw), &dev)?)?;
             let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev)?)?;

@@ -105,16 +105,18 @@ impl Conv2d {
     /// embedding) → [B, C_out, H', W']. On the CPU in F32 the shift joins the bias inside the
     /// convolution; elsewhere it is added after it.
     pub fn forward_shifted(&self, xs: &Tensor, shift: &Tensor) -> Result<Tensor> {
-        match &self.bias {
-            Some(b) if conv::fuses_bias(xs, &self.weight) => {
-                self.convolve(xs, Some(&shift.broadcast_add(&b.unsqueeze(0)?)?))
-            }
-            _ => {
-                let (n, c) = shift.dims2()?;
-                self.forward(xs)?
-                    .broadcast_add(&shift.to_dtype(xs.dtype())?.reshape((n, c, 1, 1))?)
-            }
+        let shift = shift.to_dtype(xs.dtype())?;
+        // The weight is cast to the input's dtype: the input decides where the bias goes.
+        if on_cpu_f32(&[xs]) {
+            let per_image = match &self.bias {
+                Some(b) => shift.broadcast_add(&b.to_dtype(xs.dtype())?.unsqueeze(0)?)?,
+                None => shift,
+            };
+            return self.convolve(xs, Some(&per_image));
         }
+        let (n, c) = shift.dims2()?;
+        self.forward(xs)?
+            .broadcast_add(&shift.reshape((n, c, 1, 1))?)
     }
 }
 
@@ -332,6 +334,44 @@ mod tests {
         let l = linear_no_bias(12, 7, seeded_var_builder(&vm, 6, &dev).pp("l"))?;
         let bound = 1.0 / 12f32.sqrt();
         assert!(max_abs(&l.weight) <= bound && max_abs(&l.weight) > 0.8 * bound);
+        Ok(())
+    }
+
+    /// A ResBlock's time embedding, one value per image and channel: inside the CPU
+    /// convolution's bias, it gives what candle's convolution, bias and broadcast add give, and
+    /// the same gradients for the input, the shift, the weight and the bias.
+    #[test]
+    fn a_shift_per_image_joins_the_bias_inside_the_convolution() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let c = conv2d(3, 4, 3, cfg, seeded_var_builder(&vm, 7, &dev).pp("c"))?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5, 5), &dev)?)?;
+        let shift = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 4), &dev)?)?;
+        let bias = c.bias.as_ref().unwrap();
+        let ours = c.forward_shifted(&x, &shift)?;
+        let theirs = x
+            .conv2d(&c.weight, 1, 1, 1, 1)?
+            .broadcast_add(&bias.reshape((1, 4, 1, 1))?)?
+            .broadcast_add(&shift.reshape((2, 4, 1, 1))?)?;
+        let r = Tensor::randn(0f32, 1., ours.shape(), &dev)?;
+        let (g_ours, g_theirs) = (
+            (&ours * &r)?.sum_all()?.backward()?,
+            (&theirs * &r)?.sum_all()?.backward()?,
+        );
+        assert!(max_abs(&(&ours - &theirs)?) < 1e-5);
+        for (what, t) in [
+            ("x", x.as_tensor()),
+            ("shift", shift.as_tensor()),
+            ("weight", &c.weight),
+            ("bias", bias),
+        ] {
+            let d = max_abs(&(g_ours.get(t).unwrap() - g_theirs.get(t).unwrap())?);
+            assert!(d < 1e-4, "{what}: {d}");
+        }
         Ok(())
     }
 

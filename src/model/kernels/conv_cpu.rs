@@ -168,9 +168,9 @@ fn scatter_add(g: &Geometry, cols: &[f32], (r0, rows): (usize, usize), gx: &mut 
 pub(crate) struct Bias<'a>(pub &'a [f32]);
 
 impl Bias<'_> {
-    /// Whether it fits `g`'s output: C_out or B · C_out values.
-    fn fits(&self, g: &Geometry) -> bool {
-        self.0.len() == g.c_out || self.0.len() == g.b * g.c_out
+    /// Whether a bias of shape `dims` fits `g`'s output: [C_out] or [B, C_out].
+    fn fits(dims: &[usize], g: &Geometry) -> bool {
+        dims == [g.c_out] || dims == [g.b, g.c_out]
     }
 
     /// Image `bi`'s C_out values.
@@ -315,15 +315,14 @@ impl Weighted for Conv2dCpu {
         let g = Geometry::new(xs, ws, self.pad, self.stride)?;
         let bias = match bias {
             Some((b, bs)) => {
-                let b = Bias(b);
-                if !b.fits(&g) {
+                if !Bias::fits(bs.dims(), &g) {
                     bail!(
                         "conv2d (CPU): a bias of shape {bs:?} for {} images of {} channels",
                         g.b,
                         g.c_out
                     );
                 }
-                Some(b)
+                Some(Bias(b))
             }
             None => None,
         };

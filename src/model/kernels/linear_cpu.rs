@@ -23,7 +23,7 @@ use crate::model::affine::sum_outer;
 pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (n, k) = w.dims2()?;
     let dims = x.dims();
-    if dims.last() != Some(&k) || bias.is_some_and(|b| b.dims() != [n]) {
+    if k == 0 || dims.last() != Some(&k) || bias.is_some_and(|b| b.dims() != [n]) {
         bail!(
             "linear: input {dims:?}, weight {:?} and bias {:?} do not fit",
             w.dims(),
@@ -48,7 +48,8 @@ struct Dims {
 impl Dims {
     fn of(x: &Shape, w: &Shape) -> Result<Self> {
         let (n, k) = w.dims2()?;
-        let rows = x.elem_count() / k.max(1);
+        // linear() refuses K = 0, for which the rows could not be counted from the elements.
+        let rows = x.elem_count() / k;
         Ok(Self { rows, k, n })
     }
 
@@ -234,6 +235,9 @@ mod tests {
             None,
         );
         assert!(err.unwrap_err().to_string().contains("do not fit"));
+        // No inputs (K = 0): refused, not an output shorter than its shape.
+        let empty = |dims: (usize, usize)| Tensor::zeros(dims, candle_core::DType::F32, &dev);
+        assert!(linear(&empty((3, 0))?, &empty((2, 0))?, None).is_err());
         Ok(())
     }
 }

@@ -470,7 +470,8 @@ fn backward_rows<T: Float, const SILU: bool>(
                         for ((g, xh), xv) in gs.iter_mut().zip(xh.iter_mut()).zip(&x[run]) {
                             (*xh, *g) = grad_at::<SILU>(xv.to_f32(), *g, (wc, bc), stats);
                         }
-                        // LayerNorm's channels are one element each.
+                        // One element per channel (a [B, C] input as tokens; LayerNorm's own
+                        // loop is backward_per_element).
                         let (s_w, s_b) = match (&gs[..], &xh[..]) {
                             ([g], [xh]) => (g * xh, *g),
                             _ => (dot_lanes(gs, xh), sum_lanes(gs)),
@@ -530,13 +531,13 @@ fn backward_per_element<T: Float, const SILU: bool>(
                 let mut share = vec![0f32; 2 * channels];
                 // A row's g_z, x̂ and g_z · w.
                 let mut scratch = vec![0f32; 3 * n];
-                let task_stats = task_stats(x, n, eps);
+                let stats_of_rows = task_stats(x, n, eps);
                 let rows = dx.chunks_mut(n).zip(x.chunks(n).zip(g.chunks(n)));
                 for (i, (dx, (x, g))) in rows.enumerate() {
                     let row = task * per_task + i;
                     let c0 = (row % geometry.groups) * n;
                     let (w, b) = (&w[c0..c0 + n], &b[c0..c0 + n]);
-                    let stats = task_stats[i];
+                    let stats = stats_of_rows[i];
                     let (g_z, rest) = scratch.split_at_mut(n);
                     let (x_hat, g_w) = rest.split_at_mut(n);
                     let elements = g_z.iter_mut().zip(x_hat.iter_mut()).zip(g_w.iter_mut());
