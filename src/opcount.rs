@@ -13,11 +13,15 @@
 //! [`count`] runs the allocations whose size and alignment are those of such an `Arc`. Other
 //! allocations of exactly that layout are rare (a tensor's own buffer never matches: f32/f16/u8
 //! buffers are less aligned); [`count`] checks that the allocator is installed and `tests`
-//! check the count of a known sequence of ops.
+//! check the count of a known sequence of ops. Only the thread that calls [`count`] is counted:
+//! candle wraps an op's storage on the thread that called the op (its CPU kernels' worker
+//! threads compute buffers, not tensors), and other threads' tensors (another test running in
+//! parallel) are not the code's.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::cell::Cell;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 
@@ -34,18 +38,21 @@ struct ArcInner<T> {
 /// The allocation behind each new tensor storage.
 const STORAGE_ARC: Layout = Layout::new::<ArcInner<RwLock<Storage>>>();
 
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static STORAGES: AtomicUsize = AtomicUsize::new(0);
-/// One [`count`] at a time: the counters are global.
-static SESSION: Mutex<()> = Mutex::new(());
+thread_local! {
+    /// Whether this thread is inside [`count`], and the storages it has created there. Constant
+    /// initialisers without destructors: reading them allocates nothing.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static STORAGES: Cell<usize> = const { Cell::new(0) };
+}
 
 /// The system allocator, counting new tensor storages while [`count`] runs.
 pub struct CountingAllocator;
 
 impl CountingAllocator {
     fn note(layout: Layout) {
-        if layout == STORAGE_ARC && COUNTING.load(Ordering::Relaxed) {
-            STORAGES.fetch_add(1, Ordering::Relaxed);
+        // try_with: a thread being torn down may still free and allocate.
+        if layout == STORAGE_ARC && COUNTING.try_with(Cell::get).unwrap_or(false) {
+            let _ = STORAGES.try_with(|n| n.set(n.get() + 1));
         }
     }
 }
@@ -78,16 +85,15 @@ unsafe impl GlobalAlloc for CountingAllocator {
 /// `f`'s result and the number of tensor storages it created (≈ kernel launches on CUDA); None
 /// when [`CountingAllocator`] is not the global allocator (a binary other than `cxrgen`).
 pub fn count<T, E>(f: impl FnOnce() -> Result<T, E>) -> Result<(T, Option<usize>), E> {
-    let _session = SESSION.lock().unwrap_or_else(|e| e.into_inner());
-    STORAGES.store(0, Ordering::Relaxed);
-    COUNTING.store(true, Ordering::Relaxed);
+    STORAGES.with(|n| n.set(0));
+    COUNTING.with(|c| c.set(true));
     // A probe of the counted layout: counted once exactly when the allocator is installed.
     drop(std::hint::black_box(Arc::new(RwLock::new(Storage::Cpu(
         CpuStorage::U8(Vec::new()),
     )))));
     let out = f();
-    COUNTING.store(false, Ordering::Relaxed);
-    let counted = STORAGES.load(Ordering::Relaxed);
+    COUNTING.with(|c| c.set(false));
+    let counted = STORAGES.with(Cell::get);
     Ok((out?, counted.checked_sub(1)))
 }
 
