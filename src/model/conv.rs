@@ -21,16 +21,10 @@ use super::kernels::weighted::CpuOp;
 
 use super::precomputed::Precomputed;
 
-/// Whether [`conv2d`] adds its bias inside the convolution, and takes one per image: on the CPU
-/// in F32.
-pub fn fuses_bias(x: &Tensor, w: &Tensor) -> bool {
-    on_cpu_f32(&[x, w])
-}
-
 /// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] + `bias` with symmetric `padding` and `stride`
 /// (dilation 1, one group) → [B, C_out, H', W'].
 ///
-/// Where [`fuses_bias`], the bias is [C_out] or [B, C_out] (one row per image) and the products
+/// On the CPU in F32 the bias is [C_out] or [B, C_out] (one row per image) and the products
 /// accumulate onto it; elsewhere it is [C_out], added after the convolution with its gradient
 /// summed in F32 ([`add_bias`]).
 pub fn conv2d(
@@ -40,7 +34,7 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    if fuses_bias(x, w) {
+    if on_cpu_f32(&[x, w]) {
         let op = || {
             CpuOp(Conv2dCpu {
                 pad: padding,

@@ -80,7 +80,7 @@ pub fn conv2d_init(
 }
 
 impl Conv2d {
-    /// The convolution plus `bias` ([C_out], or [B, C_out] where [`conv::fuses_bias`]):
+    /// The convolution plus `bias` ([C_out], or [B, C_out] on the CPU in F32):
     /// [B, C_in, H, W] → [B, C_out, H', W'].
     fn convolve(&self, xs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let c = &self.config;
