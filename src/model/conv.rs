@@ -352,8 +352,13 @@ mod tests {
         compare(1, 4, 2, (9, 7), 3, 1, 1)?;
         compare(2, 3, 4, (6, 6), 1, 0, 1)?;
         compare(1, 2, 3, (7, 7), 3, 0, 1)?;
-        compare(1, 2, 3, (5, 5), 1, 2, 1)?; // padding beyond the kernel
-                                            // Strided: every phase, sizes divisible by the stride or not, rows never read.
+        // Padding beyond the kernel.
+        compare(1, 2, 3, (5, 5), 1, 2, 1)?;
+        // 16 input channels or more: on the CPU the input gradient as a convolution.
+        compare(2, 16, 3, (6, 5), 3, 1, 1)?;
+        compare(1, 17, 2, (7, 7), 3, 0, 1)?;
+        compare(1, 16, 2, (1, 1), 5, 2, 1)?;
+        // Strided: every phase, sizes divisible by the stride or not, rows never read.
         compare(2, 3, 4, (8, 8), 3, 1, 2)?;
         compare(1, 2, 3, (9, 7), 3, 1, 2)?;
         compare(1, 2, 3, (10, 10), 3, 0, 2)?;

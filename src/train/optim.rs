@@ -168,7 +168,8 @@ fn update_cpu(
     }
     let g = g.contiguous()?;
     let n = p.elem_count();
-    let (mut new_p, mut new_m, mut new_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    // Written element by element below, not zeroed first.
+    let [mut new_p, mut new_m, mut new_v] = [(); 3].map(|_| Vec::<f32>::with_capacity(n));
     {
         let guards = [p.as_tensor(), &g, m, v].map(|t| t.storage_and_layout());
         let mut inputs = Vec::with_capacity(4);
@@ -185,10 +186,10 @@ fn update_cpu(
         let [p, g, m, v] = inputs[..] else {
             unreachable!("four inputs")
         };
-        new_p
+        new_p.spare_capacity_mut()[..n]
             .par_chunks_mut(CHUNK)
-            .zip(new_m.par_chunks_mut(CHUNK))
-            .zip(new_v.par_chunks_mut(CHUNK))
+            .zip(new_m.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .zip(new_v.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
             .enumerate()
             .for_each(|(j, ((np, nm), nv))| {
                 let at = j * CHUNK..j * CHUNK + np.len();
@@ -199,11 +200,18 @@ fn update_cpu(
                         let m = (m * b1 + 0.0) + (g * c1 + 0.0);
                         let v = (v * b2 + 0.0) + ((g * g) * c2 + 0.0);
                         let update = (m * r1 + 0.0) / ((v * r2 + 0.0).sqrt() * 1.0 + eps);
-                        np[e] = (p * decay + 0.0) - (update * lr + 0.0);
-                        (nm[e], nv[e]) = (m, v);
+                        np[e].write((p * decay + 0.0) - (update * lr + 0.0));
+                        nm[e].write(m);
+                        nv[e].write(v);
                     }
                 })
             });
+    }
+    // SAFETY: the chunks cover the n elements of each, and every one was written.
+    unsafe {
+        for new in [&mut new_p, &mut new_m, &mut new_v] {
+            new.set_len(n)
+        }
     }
     let (shape, dev) = (p.shape(), p.device());
     p.set(&Tensor::from_vec(new_p, shape, dev)?)?;

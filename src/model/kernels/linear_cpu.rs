@@ -14,8 +14,8 @@
 
 use candle_core::{bail, Result, Shape, Tensor};
 
-use super::matmul_par;
 use super::weighted::{CpuOp, Gradients, Operand, Weighted};
+use super::{matmul_par, overwritten};
 use crate::model::affine::sum_outer;
 
 /// `x` [..., K] · `w` [N, K]ᵀ + `bias` [N] → [..., N]; every tensor on the CPU in F32 (see
@@ -63,19 +63,18 @@ impl Dims {
 
 /// y [rows, N] = x [rows, K] · wᵀ (+ bias).
 fn forward(d: Dims, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let mut y = match bias {
-        // Each output row starts at the bias: the product adds onto it.
-        Some(b) => {
-            let mut y = Vec::with_capacity(d.rows * d.n);
-            for _ in 0..d.rows {
-                y.extend_from_slice(b);
-            }
-            y
+    // Each output row starts at the bias and the product adds onto it; without a bias the
+    // product writes it.
+    let len = d.rows * d.n;
+    let mut y = Vec::with_capacity(len);
+    if let Some(b) = bias {
+        for _ in 0..d.rows {
+            y.extend_from_slice(b);
         }
-        None => vec![0f32; d.rows * d.n],
-    };
-    if d.rows * d.n * d.k > 0 {
-        // SAFETY: x is [rows, K] and w [N, K] (wᵀ [K, N]: rows of w are its columns), y [rows, N].
+    }
+    if len > 0 {
+        // SAFETY: x is [rows, K] and w [N, K] (wᵀ [K, N]: rows of w are its columns), y's
+        // capacity [rows, N].
         unsafe {
             matmul_par(
                 (d.rows, d.n, d.k),
@@ -87,6 +86,9 @@ fn forward(d: Dims, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
             )
         };
     }
+    // SAFETY: every element was written, by the bias or by the product (K > 0: linear() refuses
+    // 0).
+    unsafe { y.set_len(len) };
     y
 }
 
@@ -98,38 +100,32 @@ fn backward(
     gy: &[f32],
     want_x: bool,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
-    let empty = d.rows * d.n * d.k == 0;
+    // A product over no rows or no outputs is zeros; the others write every element.
+    let empty = d.rows * d.n == 0;
     let gx = want_x.then(|| {
-        let mut gx = vec![0f32; d.rows * d.k];
-        if !empty {
-            // SAFETY: gy [rows, N], w [N, K], gx [rows, K].
-            unsafe {
-                matmul_par(
-                    (d.rows, d.k, d.n),
-                    gx.as_mut_ptr(),
-                    d.k,
-                    false,
-                    (gy.as_ptr(), d.n, 1),
-                    (w.as_ptr(), d.k, 1),
-                )
-            };
+        if empty {
+            return vec![0f32; d.rows * d.k];
         }
-        gx
-    });
-    let mut gw = vec![0f32; d.n * d.k];
-    if !empty {
-        // SAFETY: gyᵀ [N, rows] (columns of gy are its rows), x [rows, K], gw [N, K].
+        // SAFETY: gy [rows, N], w [N, K], gx [rows, K], all of it written.
         unsafe {
-            matmul_par(
-                (d.n, d.k, d.rows),
-                gw.as_mut_ptr(),
-                d.k,
-                false,
-                (gy.as_ptr(), 1, d.n),
-                (x.as_ptr(), d.k, 1),
-            )
-        };
-    }
+            overwritten(d.rows * d.k, |gx| {
+                let (lhs, rhs) = ((gy.as_ptr(), d.n, 1), (w.as_ptr(), d.k, 1));
+                matmul_par((d.rows, d.k, d.n), gx, d.k, false, lhs, rhs)
+            })
+        }
+    });
+    let gw = if empty {
+        vec![0f32; d.n * d.k]
+    } else {
+        // SAFETY: gyᵀ [N, rows] (columns of gy are its rows), x [rows, K], gw [N, K], all of
+        // it written.
+        unsafe {
+            overwritten(d.n * d.k, |gw| {
+                let (lhs, rhs) = ((gy.as_ptr(), 1, d.n), (x.as_ptr(), d.k, 1));
+                matmul_par((d.n, d.k, d.rows), gw, d.k, false, lhs, rhs)
+            })
+        }
+    };
     (gx, gw)
 }
 
