@@ -84,7 +84,7 @@ impl Geometry {
     /// gradient: of the output gradient, padded by k − 1 − pad, with the kernel [`flipped`].
     /// Its products have C_in rows; below 16 (gemm's F32 kernel is 16 rows tall on AVX2) the
     /// patch-gradient route is faster (8 → 48 channels at 32², batch 4: 2.0 against 2.8 ms
-    /// forward and backward), and None.
+    /// forward and backward), so it gives None there.
     fn transposed(&self) -> Option<Geometry> {
         let fits = self.stride == 1 && self.pad < self.k && !self.direct();
         (fits && self.c_in >= 16).then(|| Geometry {
@@ -294,9 +294,9 @@ pub(crate) fn backward(
     want_x: bool,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let (kl, in_hw, out_hw) = (g.patch_len(), g.h * g.w, g.oh * g.ow);
-    // With stride 1 the input gradient is a convolution of its own: its output is written by
-    // the products, where the patch-gradient route writes K·P values per block and adds each
-    // back to its input position.
+    // With stride 1 (and 16 input channels or more: `transposed`) the input gradient is a
+    // convolution of its own: its output is written by the products, where the patch-gradient
+    // route writes K·P values per block and adds each back to its input position.
     let (mut gx, in_blocks) = match (want_x, g.transposed()) {
         (false, _) => (None, false),
         (true, Some(t)) => (Some(forward(&t, gy, &flipped(g, w), None)), false),
