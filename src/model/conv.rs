@@ -358,6 +358,12 @@ mod tests {
         compare(2, 16, 3, (6, 5), 3, 1, 1)?;
         compare(1, 17, 2, (7, 7), 3, 0, 1)?;
         compare(1, 16, 2, (1, 1), 5, 2, 1)?;
+        // 16 channels or more on both sides and 256 outputs or more: on the CPU Winograd's
+        // F(2×2, 3×3), with even and odd output sizes, every padding a 3×3 kernel takes.
+        compare(2, 16, 17, (16, 16), 3, 1, 1)?;
+        compare(1, 17, 16, (17, 19), 3, 1, 1)?;
+        compare(1, 16, 16, (18, 19), 3, 0, 1)?;
+        compare(1, 16, 18, (15, 15), 3, 2, 1)?;
         // Strided: every phase, sizes divisible by the stride or not, rows never read.
         compare(2, 3, 4, (8, 8), 3, 1, 2)?;
         compare(1, 2, 3, (9, 7), 3, 1, 2)?;
@@ -386,6 +392,8 @@ mod tests {
             (2, 4, 3, 6, 1, 0, 1),
             // One image: a per-image bias [1, C_out] has a shared one's length.
             (1, 2, 3, 6, 3, 1, 1),
+            // Winograd's route on the CPU.
+            (2, 16, 16, 16, 3, 1, 1),
         ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, ci, hw, hw), &dev)?)?;
             let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev)?)?;
@@ -447,7 +455,9 @@ mod tests {
         // The same with stride 2 (3 blocks), and a 1×1 convolution that reads its input as the
         // patch matrix (2 blocks).
         compare_with(unbiased, (1, 64, 3, (1000, 10), 3, 1, 2))?;
-        compare_with(unbiased, (1, 64, 3, (1000, 10), 1, 0, 1))
+        compare_with(unbiased, (1, 64, 3, (1000, 10), 1, 0, 1))?;
+        // Winograd's route: 500 × 10 tiles of 16 channels in three blocks of tile rows.
+        compare_with(unbiased, (1, 16, 16, (1000, 20), 3, 1, 1))
     }
 
     #[test]

@@ -17,7 +17,10 @@
 //! - kernel gradient: dW [C_out, K] += grad block [C_out, P] · colsᵀ
 //!
 //! with K = C_in·k·k ordered as the kernel's own [C_in, k, k], and P the block's pixels. A 1×1
-//! convolution without stride or padding reads the input itself as its patch matrix.
+//! convolution without stride or padding reads the input itself as its patch matrix. A 3×3
+//! convolution of stride 1 with 16 channels or more on both sides and 16×16 outputs or more (the
+//! U-Net's and the VAE's) runs as Winograd's F(2×2, 3×3) instead ([`super::winograd`]): its
+//! forward, and so its input gradient, and its kernel gradient.
 //!
 //! A bias (one per output channel, or one per image and output channel: a ResBlock's time
 //! embedding folded into it) is where the output starts and the products accumulate onto it, so
@@ -27,11 +30,11 @@ use candle_core::{bail, Result, Shape};
 use rayon::prelude::*;
 
 use super::weighted::{Gradients, Operand, Weighted};
-use super::{matmul_par, vectorized};
+use super::{matmul_par, vectorized, winograd};
 use crate::model::affine::sum_outer;
 
 /// Patch-matrix elements per block: 2 MiB of F32, which a last-level cache holds.
-const BLOCK_ELEMS: usize = 1 << 19;
+pub(super) const BLOCK_ELEMS: usize = 1 << 19;
 
 /// The sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +200,7 @@ impl Bias<'_> {
     }
 
     /// Image `bi`'s C_out values.
-    fn of_image(&self, bi: usize, c_out: usize) -> &[f32] {
+    pub(super) fn of_image(&self, bi: usize, c_out: usize) -> &[f32] {
         if self.0.len() == c_out {
             self.0
         } else {
@@ -208,6 +211,9 @@ impl Bias<'_> {
 
 /// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, k, k] (+ `bias`) → [B, C_out, H', W'].
 pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], bias: Option<Bias>) -> Vec<f32> {
+    if winograd::fits(g) {
+        return winograd::forward(g, x, w, bias);
+    }
     let (kl, in_hw, out_hw) = (g.patch_len(), g.h * g.w, g.oh * g.ow);
     // Each output row starts at its bias and the products add onto it; without a bias they
     // write it (the blocks cover every output row of every image).
@@ -302,6 +308,9 @@ pub(crate) fn backward(
         (true, Some(t)) => (Some(forward(&t, gy, &flipped(g, w), None)), false),
         (true, None) => (Some(vec![0f32; g.b * g.c_in * in_hw]), true),
     };
+    if !in_blocks && winograd::fits(g) {
+        return (gx, winograd::kernel_gradient(g, x, gy));
+    }
     // The first block's product writes the kernel gradient, the others add to it.
     let mut gw = Vec::with_capacity(g.c_out * kl);
     let gw_ptr = gw.as_mut_ptr();

@@ -6,8 +6,9 @@
 //! memory on the CPU (`cxrgen bench` counts them, see [`crate::opcount`]).
 //!
 //! Two exceptions, CPU only: `conv_cpu`, the convolution and its gradients as blocked matrix
-//! products in F32 (on CUDA, candle's convolution runs through cuBLAS already), and
-//! `linear_cpu`, a linear layer as one op; both add their bias inside the product.
+//! products in F32 (on CUDA, candle's convolution runs through cuBLAS already), most 3×3 ones
+//! through `winograd`, and `linear_cpu`, a linear layer as one op; both add their bias inside
+//! the product.
 
 pub mod attention;
 pub mod bias;
@@ -19,6 +20,7 @@ pub mod norm;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod weighted;
+pub(crate) mod winograd;
 
 use candle_core::{CpuStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
