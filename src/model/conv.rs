@@ -447,6 +447,26 @@ mod tests {
         Ok(())
     }
 
+    /// An image's output does not depend on the batch it is in (so the seeds give the same
+    /// images at every batch size): each image convolved alone equals its row of the batch's
+    /// output bit for bit, on the im2col and the Winograd routes.
+    #[test]
+    fn each_image_is_convolved_as_if_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        for (ci, co, hw) in [(3, 4, 9), (16, 16, 16), (24, 16, 20)] {
+            let x = Tensor::randn(0f32, 1., (3, ci, hw, hw), &dev)?;
+            let w = Tensor::randn(0f32, 0.3, (co, ci, 3, 3), &dev)?;
+            let y = conv2d(&x, &w, None, 1, 1)?;
+            for i in 0..3 {
+                let alone = conv2d(&x.narrow(0, i, 1)?, &w, None, 1, 1)?;
+                let row = y.narrow(0, i, 1)?;
+                let (a, b) = (alone.flatten_all()?.to_vec1::<f32>()?, row.flatten_all()?);
+                assert_eq!(a, b.to_vec1::<f32>()?, "image {i} of {ci} → {co} at {hw}²");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn blocks_of_rows_cover_large_images() -> Result<()> {
         // 1 × 3·3·64 × 1,000 columns: more patch elements than a block holds, so several blocks of
