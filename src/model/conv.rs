@@ -359,11 +359,15 @@ mod tests {
         compare(1, 17, 2, (7, 7), 3, 0, 1)?;
         compare(1, 16, 2, (1, 1), 5, 2, 1)?;
         // 16 channels or more on both sides and 256 outputs or more: on the CPU Winograd's
-        // F(2×2, 3×3), with even and odd output sizes, every padding a 3×3 kernel takes.
+        // F(2×2, 3×3), with even and odd output sizes, padding 0 to 3 (3: the input gradient by
+        // patches), fewer tiles across than a group of eight, one output column.
         compare(2, 16, 17, (16, 16), 3, 1, 1)?;
         compare(1, 17, 16, (17, 19), 3, 1, 1)?;
         compare(1, 16, 16, (18, 19), 3, 0, 1)?;
         compare(1, 16, 18, (15, 15), 3, 2, 1)?;
+        compare(1, 16, 16, (12, 12), 3, 3, 1)?;
+        compare(1, 16, 16, (100, 5), 3, 1, 1)?;
+        compare(1, 16, 16, (300, 1), 3, 1, 1)?;
         // Strided: every phase, sizes divisible by the stride or not, rows never read.
         compare(2, 3, 4, (8, 8), 3, 1, 2)?;
         compare(1, 2, 3, (9, 7), 3, 1, 2)?;
@@ -453,7 +457,7 @@ mod tests {
     #[test]
     fn each_image_is_convolved_as_if_alone() -> Result<()> {
         let dev = Device::Cpu;
-        for (ci, co, hw) in [(3, 4, 9), (16, 16, 16), (24, 16, 20)] {
+        for (ci, co, hw) in [(3, 4, 9), (16, 16, 16), (24, 16, 20), (16, 16, 17)] {
             let x = Tensor::randn(0f32, 1., (3, ci, hw, hw), &dev)?;
             let w = Tensor::randn(0f32, 0.3, (co, ci, 3, 3), &dev)?;
             let y = conv2d(&x, &w, None, 1, 1)?;
@@ -476,8 +480,10 @@ mod tests {
         // patch matrix (2 blocks).
         compare_with(unbiased, (1, 64, 3, (1000, 10), 3, 1, 2))?;
         compare_with(unbiased, (1, 64, 3, (1000, 10), 1, 0, 1))?;
-        // Winograd's route: 500 × 10 tiles of 16 channels in three blocks of tile rows.
-        compare_with(unbiased, (1, 16, 16, (1000, 20), 3, 1, 1))
+        // Winograd's route: 500 × 10 tiles of 16 channels in three blocks of tile rows, and two
+        // images of an odd height (the kernel gradient summed over both images' blocks).
+        compare_with(unbiased, (1, 16, 16, (1000, 20), 3, 1, 1))?;
+        compare_with(unbiased, (2, 16, 16, (999, 21), 3, 1, 1))
     }
 
     #[test]

@@ -18,9 +18,10 @@
 //!
 //! with K = C_in·k·k ordered as the kernel's own [C_in, k, k], and P the block's pixels. A 1×1
 //! convolution without stride or padding reads the input itself as its patch matrix. A 3×3
-//! convolution of stride 1 with 16 channels or more on both sides and 16×16 outputs or more (the
-//! U-Net's and the VAE's) runs as Winograd's F(2×2, 3×3) instead ([`super::winograd`]): its
-//! forward, and so its input gradient, and its kernel gradient.
+//! convolution of stride 1 with 16 channels or more on both sides and 256 outputs or more (the
+//! VAE's, and the U-Net's at 32×32 and 16×16) runs as Winograd's F(2×2, 3×3) instead
+//! ([`super::winograd`]): its forward, its kernel gradient (for padding below 3) and its input
+//! gradient where that convolution fits too (256 inputs or more).
 //!
 //! A bias (one per output channel, or one per image and output channel: a ResBlock's time
 //! embedding folded into it) is where the output starts and the products accumulate onto it, so
@@ -111,8 +112,7 @@ impl Geometry {
 
     /// Blocks of output rows: (first row, rows).
     fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
-        let (n, oh) = (self.block_rows(), self.oh);
-        (0..oh).step_by(n).map(move |r| (r, n.min(oh - r)))
+        spans(self.oh, self.block_rows())
     }
 
     /// Output columns `ox` whose tap `t` reads an input column inside 0..n: a range of `ox`.
@@ -122,6 +122,13 @@ impl Geometry {
         let hi = (n + p).saturating_sub(t).div_ceil(s).min(n_out);
         lo..hi.max(lo)
     }
+}
+
+/// `0..total` in spans of `per` (the last one shorter): (first, length).
+pub(super) fn spans(total: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..total)
+        .step_by(per)
+        .map(move |r| (r, per.min(total - r)))
 }
 
 /// The patch matrix [K, rows·ow] of output rows `r0..r0 + rows` of one image `x` [C_in, H, W].

@@ -201,7 +201,7 @@ pub(crate) unsafe fn matmul(
 }
 
 /// gemm's threads: rayon's pool, or none inside a rayon task of one thread.
-fn parallelism() -> gemm::Parallelism {
+pub(crate) fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),

@@ -22,12 +22,13 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::conv_cpu::{Bias, Geometry, BLOCK_ELEMS};
-use super::{matmul_par, vectorized};
+use super::conv_cpu::{spans, Bias, Geometry, BLOCK_ELEMS};
+use super::{matmul, parallelism, vectorized, Strided};
 
 /// Whether Winograd is the faster route for `g`: a 3×3 kernel of stride 1, 16 channels or more
-/// on both sides (fewer make the products too thin to run near gemm's rate) and at least 16×16
-/// outputs (below that the 16/9 larger transformed kernel is read for too few tiles).
+/// on both sides (fewer make the products too thin to run near gemm's rate) and 256 outputs or
+/// more, 16×16 (at 8×8 the 16/9 larger transformed kernel is read for too few tiles: forward and
+/// backward at batch 4, 192 channels, 9.0 ms by im2col against 10.5–11.6).
 pub(crate) fn fits(g: &Geometry) -> bool {
     g.k == 3 && g.stride == 1 && g.c_in >= 16 && g.c_out >= 16 && g.oh * g.ow >= 256
 }
@@ -50,15 +51,15 @@ struct Tiles {
 impl Tiles {
     fn new(g: &Geometry) -> Self {
         let (ty, tx) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
-        // A block's transformed input (16 values a tile per input channel) within BLOCK_ELEMS.
+        // A block's transformed input and its products (16 values a tile per input channel,
+        // per output channel) within BLOCK_ELEMS each.
         let rows = (BLOCK_ELEMS / (16 * g.c_in.max(g.c_out) * tx)).clamp(1, ty);
         Self { ty, tx, rows }
     }
 
     /// Blocks of tile rows: (first tile row, tile rows).
     fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
-        let (n, ty) = (self.rows, self.ty);
-        (0..ty).step_by(n).map(move |r| (r, n.min(ty - r)))
+        spans(self.ty, self.rows)
     }
 
     /// The stride of one position's tiles in a block of `rows` tile rows: the tiles, and room
@@ -83,14 +84,14 @@ fn deinterleave(src: &[f32], off: usize, even: &mut [f32], odd: &mut [f32]) {
             .and_then(|i| src.get(i).copied())
             .unwrap_or(0.0)
     };
-    // Pairs that lie inside src, in one loop without bounds checks.
+    // Pairs that reach outside src, one value at a time; those inside, in groups.
     let lo = off.div_ceil(2).min(even.len());
     let hi = ((src.len() + off) / 2).clamp(lo, even.len());
     for j in (0..lo).chain(hi..even.len()) {
         even[j] = at(2 * j);
         odd[j] = at(2 * j + 1);
     }
-    // Eight pairs at a time (vectorised as shuffles), then the rest.
+    // Eight pairs at a time without bounds checks (vectorised as shuffles), then the rest.
     let (even, odd, src) = (&mut even[lo..hi], &mut odd[lo..hi], &src[2 * lo - off..]);
     let groups = even.len() / LANES;
     for gi in 0..groups {
@@ -121,7 +122,7 @@ fn lanes(s: &[f32], i: usize) -> Lanes {
 
 /// The input transform Bᵀ d: (d0 − d2, d1 + d2, d2 − d1, d1 − d3).
 #[inline(always)]
-fn bt(d: [Lanes; 4]) -> [Lanes; 4] {
+fn input_1d(d: [Lanes; 4]) -> [Lanes; 4] {
     let mut out = [[0f32; LANES]; 4];
     for l in 0..LANES {
         out[0][l] = d[0][l] - d[2][l];
@@ -134,7 +135,7 @@ fn bt(d: [Lanes; 4]) -> [Lanes; 4] {
 
 /// The output transform Aᵀ m: (m0 + m1 + m2, m1 − m2 − m3).
 #[inline(always)]
-fn at(m: [Lanes; 4]) -> [Lanes; 2] {
+fn output_1d(m: [Lanes; 4]) -> [Lanes; 2] {
     let mut out = [[0f32; LANES]; 2];
     for l in 0..LANES {
         out[0][l] = m[0][l] + (m[1][l] + m[2][l]);
@@ -145,7 +146,7 @@ fn at(m: [Lanes; 4]) -> [Lanes; 2] {
 
 /// The adjoint of the output transform, A y: (y0, y0 + y1, y0 − y1, −y1).
 #[inline(always)]
-fn a(y: [Lanes; 2]) -> [Lanes; 4] {
+fn output_1d_adjoint(y: [Lanes; 2]) -> [Lanes; 4] {
     let mut out = [[0f32; LANES]; 4];
     for l in 0..LANES {
         out[0][l] = y[0][l];
@@ -222,10 +223,18 @@ fn kernel_transform_adjoint(g: &Geometry, du: &[f32]) -> Vec<f32> {
 
 /// V = Bᵀ d B of the tiles of tile rows `r0..r0 + rows` of one image `x` [C_in, H, W]:
 /// `v` [C_in, 16, stride], zeros where a tile reaches past the input.
-fn input_transform(g: &Geometry, t: &Tiles, x: &[f32], (r0, rows): (usize, usize), v: &mut [f32]) {
+fn input_transform(
+    g: &Geometry,
+    t: &Tiles,
+    x: &[f32],
+    (r0, rows): (usize, usize),
+    v: &mut [f32],
+    split: Split,
+) {
     let (n, hw) = (t.stride(rows), t.half_width());
     v.par_chunks_mut(16 * n)
         .zip(x.par_chunks(g.h * g.w))
+        .with_min_len(split.within_image())
         .for_each(|(vc, xc)| {
             vectorized!(|| {
                 // The block's 2·rows + 2 input rows (zeros above and below the image), their
@@ -245,11 +254,16 @@ fn input_transform(g: &Geometry, t: &Tiles, x: &[f32], (r0, rows): (usize, usize
                         let mut h = [[[0f32; LANES]; 4]; 4];
                         for (y, hy) in h.iter_mut().enumerate() {
                             let (e, o) = halves[(2 * r + y) * 2 * hw..][..2 * hw].split_at(hw);
-                            *hy = bt([lanes(e, i), lanes(o, i), lanes(e, i + 1), lanes(o, i + 1)]);
+                            *hy = input_1d([
+                                lanes(e, i),
+                                lanes(o, i),
+                                lanes(e, i + 1),
+                                lanes(o, i + 1),
+                            ]);
                         }
                         // Then down each of the four columns.
                         for c in 0..4 {
-                            let col = bt(column(&h, c));
+                            let col = input_1d(column(&h, c));
                             for (y, vals) in col.into_iter().enumerate() {
                                 vc[(4 * y + c) * n + r * t.tx + i..][..LANES]
                                     .copy_from_slice(&vals);
@@ -271,10 +285,12 @@ fn output_transform(
     (r0, rows): (usize, usize),
     bias: Option<&[f32]>,
     y: &mut [MaybeUninit<f32>],
+    split: Split,
 ) {
     let n = t.stride(rows);
     y.par_chunks_mut(g.oh * g.ow)
         .zip(m.par_chunks(16 * n))
+        .with_min_len(split.within_image())
         .enumerate()
         .for_each(|(co, (yc, mc))| {
             let b = bias.map_or(0.0, |b| b[co]);
@@ -291,18 +307,20 @@ fn output_transform(
                         // Aᵀ down each column, then along each of the two rows.
                         let mut down = [[[0f32; LANES]; 2]; 4];
                         for (c, d) in down.iter_mut().enumerate() {
-                            *d = at(column(&mm, c));
+                            *d = output_1d(column(&mm, c));
                         }
                         let width = (g.ow - 2 * i).min(2 * LANES);
                         for dy in 0..2.min(g.oh - oy) {
                             let [even, odd] =
-                                at([down[0][dy], down[1][dy], down[2][dy], down[3][dy]]);
+                                output_1d([down[0][dy], down[1][dy], down[2][dy], down[3][dy]]);
                             let mut row = [0f32; 2 * LANES];
                             for l in 0..LANES {
                                 row[2 * l] = b + even[l];
                                 row[2 * l + 1] = b + odd[l];
                             }
                             let dst = &mut yc[(oy + dy) * g.ow + 2 * i..][..width];
+                            // A loop of `MaybeUninit::write`s was not vectorised (8 % of
+                            // the 256×256 convolution's samples).
                             // SAFETY: dst is `width` ≤ 2·LANES values that nothing else
                             // touches; row has 2·LANES.
                             unsafe {
@@ -324,10 +342,12 @@ fn output_transform_adjoint(
     gy: &[f32],
     (r0, rows): (usize, usize),
     dm: &mut [f32],
+    split: Split,
 ) {
     let (n, hw) = (t.stride(rows), t.half_width());
     dm.par_chunks_mut(16 * n)
         .zip(gy.par_chunks(g.oh * g.ow))
+        .with_min_len(split.within_image())
         .for_each(|(dmc, gyc)| {
             vectorized!(|| {
                 // A tile row's two output rows, even and odd columns apart.
@@ -348,10 +368,10 @@ fn output_transform_adjoint(
                         let mut along = [[[0f32; LANES]; 4]; 2];
                         for (dy, row) in along.iter_mut().enumerate() {
                             let (e, o) = halves[2 * dy * hw..][..2 * hw].split_at(hw);
-                            *row = a([lanes(e, i), lanes(o, i)]);
+                            *row = output_1d_adjoint([lanes(e, i), lanes(o, i)]);
                         }
                         for c in 0..4 {
-                            let col = a(column(&along, c));
+                            let col = output_1d_adjoint(column(&along, c));
                             for (y, vals) in col.into_iter().enumerate() {
                                 dmc[(4 * y + c) * n + r * t.tx + i..][..LANES]
                                     .copy_from_slice(&vals);
@@ -363,6 +383,76 @@ fn output_transform_adjoint(
         });
 }
 
+/// How one image's work runs: split over rayon's threads, or on the calling thread when the
+/// images of a batch are the tasks.
+#[derive(Clone, Copy)]
+enum Split {
+    Threads,
+    Serial,
+}
+
+impl Split {
+    /// The images as tasks when there are at least as many as threads and each is one block: a
+    /// small image split over the threads costs more in synchronisation than it gains (32 → 32
+    /// channels at 16×16, batch 16, two threads: 2.46 ms split against 1.58 on one thread).
+    fn of(g: &Geometry, t: &Tiles) -> Self {
+        if g.b >= rayon::current_num_threads() && t.rows == t.ty {
+            Split::Serial
+        } else {
+            Split::Threads
+        }
+    }
+
+    /// The fewest chunks of a parallel iterator over one image's channels that a task takes:
+    /// all of them, when the image is a task of its own.
+    fn within_image(self) -> usize {
+        match self {
+            Split::Threads => 1,
+            Split::Serial => usize::MAX,
+        }
+    }
+
+    /// The same over the images: all of them (one after another) when each is split.
+    fn over_images(self) -> usize {
+        match self {
+            Split::Threads => usize::MAX,
+            Split::Serial => 1,
+        }
+    }
+
+    /// The 16 products of one block, dst_ξ [m, n] (+)= lhs_ξ [m, k] · rhs_ξ [k, n], each
+    /// operand's positions `.3` elements apart.
+    ///
+    /// # Safety
+    /// As [`matmul`]'s, for each of the 16 positions.
+    unsafe fn products(
+        self,
+        dims: (usize, usize, usize),
+        (dst, dst_rs, dst_step): (*mut f32, usize, usize),
+        acc: bool,
+        (lhs, rhs): ((Strided, usize), (Strided, usize)),
+    ) {
+        let threads = match self {
+            Split::Threads => parallelism(),
+            Split::Serial => gemm::Parallelism::None,
+        };
+        for xi in 0..16 {
+            let at = |(p, rs, cs): Strided, step: usize| (p.wrapping_add(xi * step), rs, cs);
+            // SAFETY: the caller's contract.
+            unsafe {
+                matmul(
+                    dims,
+                    (dst.add(xi * dst_step), dst_rs),
+                    acc,
+                    (at(lhs.0, lhs.1), at(rhs.0, rhs.1)),
+                    1.0,
+                    threads,
+                )
+            };
+        }
+    }
+}
+
 /// `x` [B, C_in, H, W] ⊛ `w` [C_out, C_in, 3, 3] (+ `bias`) → [B, C_out, H', W'], for a `g`
 /// that [`fits`].
 pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], bias: Option<Bias>) -> Vec<f32> {
@@ -371,34 +461,38 @@ pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], bias: Option<Bias>) ->
     let u = kernel_transform(g, w);
     let len = g.b * g.c_out * out_hw;
     let mut y = Vec::with_capacity(len);
-    let (mut v, mut m) = (Vec::new(), Vec::new());
-    for bi in 0..g.b {
+    let split = Split::of(g, &t);
+    let image = |bi: usize, yb: &mut [MaybeUninit<f32>]| {
         let xb = &x[bi * g.c_in * in_hw..][..g.c_in * in_hw];
-        let yb = &mut y.spare_capacity_mut()[bi * g.c_out * out_hw..][..g.c_out * out_hw];
         let bias = bias.as_ref().map(|b| b.of_image(bi, g.c_out));
+        let (mut v, mut m) = (Vec::new(), Vec::new());
         for block in t.blocks() {
             let (n, stride) = (block.1 * t.tx, t.stride(block.1));
             v.resize(g.c_in * 16 * stride, 0.0);
             m.resize(g.c_out * 16 * stride, 0.0);
-            input_transform(g, &t, xb, block, &mut v);
-            for xi in 0..16 {
-                // SAFETY: u is [C_out, 16, C_in], v [C_in, 16, stride] and m [C_out, 16,
-                // stride] (n ≤ stride): the strides reach the first n tiles of position xi of
-                // each, inside its buffer; m is written only here.
-                unsafe {
-                    matmul_par(
-                        (g.c_out, n, g.c_in),
-                        m.as_mut_ptr().add(xi * stride),
-                        16 * stride,
-                        false,
-                        (u.as_ptr().add(xi * g.c_in), 16 * g.c_in, 1),
-                        (v.as_ptr().add(xi * stride), 16 * stride, 1),
-                    )
-                };
-            }
-            output_transform(g, &t, &m, block, bias, yb);
+            input_transform(g, &t, xb, block, &mut v, split);
+            // SAFETY: u is [C_out, 16, C_in], v [C_in, 16, stride] and m [C_out, 16, stride]
+            // (n ≤ stride): the strides reach the first n tiles of each position, inside its
+            // buffer; m is written only here.
+            unsafe {
+                split.products(
+                    (g.c_out, n, g.c_in),
+                    (m.as_mut_ptr(), 16 * stride, stride),
+                    false,
+                    (
+                        ((u.as_ptr(), 16 * g.c_in, 1), g.c_in),
+                        ((v.as_ptr(), 16 * stride, 1), stride),
+                    ),
+                )
+            };
+            output_transform(g, &t, &m, block, bias, yb, split);
         }
-    }
+    };
+    let images = y.spare_capacity_mut()[..len].par_chunks_mut(g.c_out * out_hw);
+    images
+        .with_min_len(split.over_images())
+        .enumerate()
+        .for_each(|(bi, yb)| image(bi, yb));
     // SAFETY: the blocks' tile rows cover every output row of every image, and each tile row
     // writes all of its output rows' columns.
     unsafe { y.set_len(len) };
@@ -410,33 +504,103 @@ pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], bias: Option<Bias>) ->
 pub(crate) fn kernel_gradient(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
     let t = Tiles::new(g);
     let (in_hw, out_hw) = (g.h * g.w, g.oh * g.ow);
-    let mut du = vec![0f32; g.c_out * 16 * g.c_in];
-    let (mut v, mut dm) = (Vec::new(), Vec::new());
-    for bi in 0..g.b {
+    let split = Split::of(g, &t);
+    // dU [C_out, 16, C_in] of one image, summed over its blocks.
+    let image = |bi: usize| {
         let xb = &x[bi * g.c_in * in_hw..][..g.c_in * in_hw];
         let gyb = &gy[bi * g.c_out * out_hw..][..g.c_out * out_hw];
+        let mut du = vec![0f32; g.c_out * 16 * g.c_in];
+        let (mut v, mut dm) = (Vec::new(), Vec::new());
         for block in t.blocks() {
             let (n, stride) = (block.1 * t.tx, t.stride(block.1));
             v.resize(g.c_in * 16 * stride, 0.0);
             dm.resize(g.c_out * 16 * stride, 0.0);
-            input_transform(g, &t, xb, block, &mut v);
-            output_transform_adjoint(g, &t, gyb, block, &mut dm);
-            for xi in 0..16 {
-                // SAFETY: dm is [C_out, 16, stride], v [C_in, 16, stride] read transposed ([n,
-                // C_in] of position xi, n ≤ stride), du [C_out, 16, C_in]; du is written only
-                // here.
-                unsafe {
-                    matmul_par(
-                        (g.c_out, g.c_in, n),
-                        du.as_mut_ptr().add(xi * g.c_in),
-                        16 * g.c_in,
-                        true,
-                        (dm.as_ptr().add(xi * stride), 16 * stride, 1),
-                        (v.as_ptr().add(xi * stride), 1, 16 * stride),
-                    )
-                };
+            input_transform(g, &t, xb, block, &mut v, split);
+            output_transform_adjoint(g, &t, gyb, block, &mut dm, split);
+            // SAFETY: dm is [C_out, 16, stride], v [C_in, 16, stride] read transposed ([n,
+            // C_in] of each position, n ≤ stride), du [C_out, 16, C_in]; du is written only
+            // here.
+            unsafe {
+                split.products(
+                    (g.c_out, g.c_in, n),
+                    (du.as_mut_ptr(), 16 * g.c_in, g.c_in),
+                    true,
+                    (
+                        ((dm.as_ptr(), 16 * stride, 1), stride),
+                        ((v.as_ptr(), 1, 16 * stride), stride),
+                    ),
+                )
+            };
+        }
+        du
+    };
+    // The images' sums added in order, so that the result does not depend on the threads.
+    let per_image: Vec<Vec<f32>> = (0..g.b)
+        .into_par_iter()
+        .with_min_len(split.over_images())
+        .map(image)
+        .collect();
+    let du = per_image.into_iter().reduce(|mut sum, d| {
+        sum.iter_mut().zip(&d).for_each(|(s, d)| *s += d);
+        sum
+    });
+    kernel_transform_adjoint(g, &du.expect("a batch of at least one image"))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Shape, Tensor};
+
+    use super::*;
+    use crate::model::kernels::conv_cpu;
+    use crate::model::kernels::testing::worst_relative;
+
+    /// Winograd's forward (with either bias) and kernel gradient, called directly, equal the
+    /// im2col route's on geometries too small for [`fits`] (where `conv_cpu` takes im2col):
+    /// one output, narrow and tall images, padding 0 to 3, several images.
+    #[test]
+    fn equals_the_im2col_route() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let values = |shape: Shape| -> candle_core::Result<Vec<f32>> {
+            Tensor::randn(0f32, 1., shape, &dev)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        let cases = [
+            (1, 2, 3, (6, 5), 1),
+            (2, 1, 2, (3, 3), 0),
+            (1, 3, 1, (1, 7), 2),
+            (2, 2, 2, (5, 4), 3),
+            (1, 2, 3, (40, 3), 1),
+        ];
+        for (b, ci, co, (h, w), pad) in cases {
+            let (xs, ws) = (Shape::from((b, ci, h, w)), Shape::from((co, ci, 3, 3)));
+            let g = Geometry::new(&xs, &ws, pad, 1)?;
+            assert!(!fits(&g), "{g:?} takes Winograd in conv_cpu too");
+            let (x, k) = (values(xs)?, values(ws)?);
+            let gy = values(Shape::from((b, co, g.oh, g.ow)))?;
+            let (shared, per_image) = (values(Shape::from(co))?, values(Shape::from((b, co)))?);
+            let tensor = |v: Vec<f32>| Tensor::new(v, &dev);
+            let mut pairs = vec![(
+                forward(&g, &x, &k, None),
+                conv_cpu::forward(&g, &x, &k, None),
+            )];
+            for bias in [&shared, &per_image] {
+                let bias = Some(Bias(bias));
+                pairs.push((
+                    forward(&g, &x, &k, bias),
+                    conv_cpu::forward(&g, &x, &k, bias),
+                ));
+            }
+            pairs.push((
+                kernel_gradient(&g, &x, &gy),
+                conv_cpu::backward(&g, &x, &k, &gy, false).1,
+            ));
+            for (i, (got, want)) in pairs.into_iter().enumerate() {
+                let e = worst_relative(&[tensor(got)?], &[tensor(want)?])?;
+                assert!(e < 1e-5, "{g:?}, result {i}: relative error {e}");
             }
         }
+        Ok(())
     }
-    kernel_transform_adjoint(g, &du)
 }
