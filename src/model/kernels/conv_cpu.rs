@@ -20,8 +20,9 @@
 //! convolution without stride or padding reads the input itself as its patch matrix. A 3×3
 //! convolution of stride 1 with 16 channels or more on both sides and 256 outputs or more (the
 //! VAE's, and the U-Net's at 32×32 and 16×16) runs as Winograd's F(2×2, 3×3) instead
-//! ([`super::winograd`]): its forward, its kernel gradient (for padding below 3) and its input
-//! gradient where that convolution fits too (256 inputs or more).
+//! ([`super::winograd`]): its forward, its kernel gradient (unless the padding is 3 or more and
+//! the input gradient is wanted too) and its input gradient where that convolution fits too
+//! (256 inputs or more).
 //!
 //! A bias (one per output channel, or one per image and output channel: a ResBlock's time
 //! embedding folded into it) is where the output starts and the products accumulate onto it, so

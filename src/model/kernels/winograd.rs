@@ -16,7 +16,9 @@
 //!
 //! The transforms' coefficients are 0, ±1 and ±½, so the rounding is close to the direct sum's
 //! (F32 results within a few units in the last place of the convolution's magnitude). Tiles are
-//! blocked within one image, so an image's result does not depend on the batch it is in.
+//! blocked within one image, and `gemm` gives the same bits on one thread or several (its
+//! threads split rows and columns, never the sum), so an image's result depends neither on the
+//! batch it is in nor on the threads.
 
 use std::mem::MaybeUninit;
 
@@ -412,7 +414,7 @@ impl Split {
         }
     }
 
-    /// The same over the images: all of them (one after another) when each is split.
+    /// The same over the forward's images: all of them (one after another) when each is split.
     fn over_images(self) -> usize {
         match self {
             Split::Threads => usize::MAX,
@@ -420,11 +422,13 @@ impl Split {
         }
     }
 
-    /// The 16 products of one block, dst_ξ [m, n] (+)= lhs_ξ [m, k] · rhs_ξ [k, n], each
-    /// operand's positions `.3` elements apart.
+    /// The 16 products of one block, dst_ξ [m, n] (+)= lhs_ξ [m, k] · rhs_ξ [k, n]: each
+    /// operand is (its first position's matrix, the elements from one position to the next),
+    /// dst (pointer, row stride, that step).
     ///
     /// # Safety
-    /// As [`matmul`]'s, for each of the 16 positions.
+    /// As [`matmul`]'s, for each of the 16 positions (each position's first element of dst lies
+    /// inside dst's buffer).
     unsafe fn products(
         self,
         dims: (usize, usize, usize),
@@ -534,16 +538,19 @@ pub(crate) fn kernel_gradient(g: &Geometry, x: &[f32], gy: &[f32]) -> Vec<f32> {
         }
         du
     };
-    // The images' sums added in order, so that the result does not depend on the threads.
-    let per_image: Vec<Vec<f32>> = (0..g.b)
-        .into_par_iter()
-        .with_min_len(split.over_images())
-        .map(image)
-        .collect();
-    let du = per_image.into_iter().reduce(|mut sum, d| {
+    // The images' sums added in order, so that the result does not depend on the threads; one
+    // alive at a time where the images run one after another.
+    let add = |mut sum: Vec<f32>, d: Vec<f32>| {
         sum.iter_mut().zip(&d).for_each(|(s, d)| *s += d);
         sum
-    });
+    };
+    let du = match split {
+        Split::Threads => (0..g.b).map(image).reduce(add),
+        Split::Serial => {
+            let per_image: Vec<Vec<f32>> = (0..g.b).into_par_iter().map(image).collect();
+            per_image.into_iter().reduce(add)
+        }
+    };
     kernel_transform_adjoint(g, &du.expect("a batch of at least one image"))
 }
 
@@ -600,6 +607,38 @@ mod tests {
                 let e = worst_relative(&[tensor(got)?], &[tensor(want)?])?;
                 assert!(e < 1e-5, "{g:?}, result {i}: relative error {e}");
             }
+        }
+        Ok(())
+    }
+
+    /// The forward and the kernel gradient give the same bits on 1, 2 and 4 threads: images as
+    /// tasks (3 images, 1 or 2 threads) and each image split over the threads (4).
+    #[test]
+    fn the_threads_do_not_change_the_bits() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (xs, ws) = (Shape::from((3, 16, 16, 16)), Shape::from((16, 16, 3, 3)));
+        let g = Geometry::new(&xs, &ws, 1, 1)?;
+        assert!(fits(&g));
+        let values = |shape: Shape| -> candle_core::Result<Vec<f32>> {
+            Tensor::randn(0f32, 1., shape, &dev)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        let (x, k, gy) = (
+            values(xs)?,
+            values(ws)?,
+            values(Shape::from((3, 16, 16, 16)))?,
+        );
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| (forward(&g, &x, &k, None), kernel_gradient(&g, &x, &gy)))
+        };
+        let one = run(1);
+        for threads in [2, 4] {
+            assert!(run(threads) == one, "{threads} threads differ from one");
         }
         Ok(())
     }
