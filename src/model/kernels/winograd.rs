@@ -562,17 +562,20 @@ mod tests {
     use crate::model::kernels::conv_cpu;
     use crate::model::kernels::testing::worst_relative;
 
+    /// Standard normal values of `shape`, flat.
+    fn values(shape: Shape) -> candle_core::Result<Vec<f32>> {
+        let dev = candle_core::Device::Cpu;
+        Tensor::randn(0f32, 1., shape, &dev)?
+            .flatten_all()?
+            .to_vec1()
+    }
+
     /// Winograd's forward (with either bias) and kernel gradient, called directly, equal the
     /// im2col route's on geometries too small for [`fits`] (where `conv_cpu` takes im2col):
     /// one output, narrow and tall images, padding 0 to 3, several images.
     #[test]
     fn equals_the_im2col_route() -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;
-        let values = |shape: Shape| -> candle_core::Result<Vec<f32>> {
-            Tensor::randn(0f32, 1., shape, &dev)?
-                .flatten_all()?
-                .to_vec1()
-        };
         let cases = [
             (1, 2, 3, (6, 5), 1),
             (2, 1, 2, (3, 3), 0),
@@ -615,15 +618,9 @@ mod tests {
     /// tasks (3 images, 1 or 2 threads) and each image split over the threads (4).
     #[test]
     fn the_threads_do_not_change_the_bits() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
         let (xs, ws) = (Shape::from((3, 16, 16, 16)), Shape::from((16, 16, 3, 3)));
         let g = Geometry::new(&xs, &ws, 1, 1)?;
         assert!(fits(&g));
-        let values = |shape: Shape| -> candle_core::Result<Vec<f32>> {
-            Tensor::randn(0f32, 1., shape, &dev)?
-                .flatten_all()?
-                .to_vec1()
-        };
         let (x, k, gy) = (
             values(xs)?,
             values(ws)?,
